@@ -1,0 +1,107 @@
+"""ResNet backbones with ImageNet weights on request, from torchvision or a local/S3 file.
+
+No download happens unless `pretrained="imagenet"` is asked for; tests never ask.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet18-slim")
+_WEIGHTS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
+}
+
+
+def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local path or an s3:// URI (a plain state dict or {"model": ...})."""
+    if source.startswith("s3://"):
+        from tasn.storage import read_bytes  # lazy: boto3 only when asked
+
+        state = torch.load(io.BytesIO(read_bytes(source)), map_location="cpu", weights_only=True)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights: no file at {source}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return state
+
+
+class SlimResNet(torchvision.models.ResNet):
+    """ResNet-18's layout at a quarter of its channels (16-32-64-128): ~16x fewer FLOPs, for CPU
+    demos and tests. torchvision hard-codes the widths, so the stem and stages are built here with
+    its own `_make_layer`; forward and the stride surgery of the attention net work unchanged."""
+
+    widths = (16, 32, 64, 128)
+
+    def __init__(self, layers=(2, 2, 2, 2)):
+        nn.Module.__init__(self)
+        w = self.widths
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = w[0], 1, 1, 64
+        self.conv1 = nn.Conv2d(3, w[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        block = torchvision.models.resnet.BasicBlock
+        self.layer1 = self._make_layer(block, w[0], layers[0])
+        self.layer2 = self._make_layer(block, w[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, w[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, w[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(w[3], 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def build_resnet(arch: str, pretrained: str = "none") -> torchvision.models.ResNet:
+    """A torchvision ResNet; `pretrained`: "none", "imagenet" (torchvision's weights API, which
+    downloads to the torch hub cache on first use) or a path / s3:// URI of a state dict."""
+    if arch not in ARCHS:
+        raise ValueError(f"backbone {arch!r} is not one of {', '.join(ARCHS)}")
+    model = SlimResNet() if arch == "resnet18-slim" else getattr(torchvision.models, arch)(weights=None)
+    if pretrained in ("", "none", None):
+        return model
+    if pretrained == "imagenet":
+        if arch not in _WEIGHTS:
+            raise ValueError(f"no ImageNet weights exist for {arch}; use pretrained: none or a file")
+        weights = torchvision.models.get_weight(_WEIGHTS[arch])
+        state = weights.get_state_dict(progress=True)
+    else:
+        state = _state_dict_from(pretrained)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"pretrained weights {pretrained!r} do not fit {arch}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    log.info("loaded %s weights for %s", pretrained, arch)
+    return model
+
+
+def xavier_init(*modules: nn.Module) -> None:
+    """The authors' init for new layers: Xavier weights, zero biases."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)

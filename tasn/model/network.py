@@ -1,0 +1,167 @@
+"""The TASN network (TASN.md, forward pass steps 1-5, 7) and the plain baseline beside it."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tasn.model.attention import AttentionNet, trilinear_attention
+from tasn.model.backbones import build_resnet, xavier_init
+from tasn.model.sampler import attention_sample
+
+
+class TASNOutput(NamedTuple):
+    """The five heads' logits. `master_aux` (shared head on the structure image) is the prediction."""
+
+    attention: torch.Tensor
+    part: torch.Tensor
+    master: torch.Tensor
+    part_aux: torch.Tensor
+    master_aux: torch.Tensor
+
+
+class TASNExtras(NamedTuple):
+    """What pictures are drawn from: maps at the attention net's resolution, sampled images."""
+
+    structure_map: torch.Tensor  # (n, h, w), summed maps (squared after upsampling)
+    detail_map: torch.Tensor  # (n, h, w), one channel in training, the sum in evaluation
+    structure_images: torch.Tensor  # (n, 3, out, out)
+    detail_images: torch.Tensor
+
+
+class BaselineOutput(NamedTuple):
+    logits: torch.Tensor
+
+
+class SharedBackbone(nn.Module):
+    """One ResNet, classifier removed: pooled features for part and master alike."""
+
+    def __init__(self, arch: str, pretrained: str):
+        super().__init__()
+        net = build_resnet(arch, pretrained)
+        self.features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TASN(nn.Module):
+    """Attention net -> trilinear attention -> two attention samplers -> one shared backbone."""
+
+    heads = TASNOutput._fields
+    primary_head = "master_aux"
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        att_backbone: str = "resnet18",
+        att_head_channels: int = 512,
+        att_size: int = 224,
+        out_size: int = 224,
+        dense: float = 4.0,
+        iters: int = 5,
+        pretrained: str = "none",
+        att_pretrained: str = "none",
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.att_size, self.out_size, self.dense, self.iters = att_size, out_size, dense, iters
+        self.attention_net = AttentionNet(num_classes, att_backbone, att_head_channels, att_pretrained)
+        self.backbone = SharedBackbone(backbone, pretrained)
+        f = self.backbone.features
+        self.fc_part = nn.Linear(f, num_classes)
+        self.fc_master = nn.Linear(f, num_classes)
+        self.fc = nn.Linear(f, num_classes)
+        xavier_init(self.fc_part, self.fc_master, self.fc)
+
+    def attention_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention logits and the c trilinear attention maps (detached: no sampling gradient)."""
+        small = F.interpolate(x, size=(self.att_size, self.att_size), mode="bilinear", align_corners=False)
+        logits, feats = self.attention_net(small)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            maps = trilinear_attention(feats.detach().float())  # fp32 even under autocast
+        return logits, maps
+
+    def select_maps(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Structure map = sum of all channels; detail map = one random channel per sample in
+        training, the (deterministic) sum in evaluation."""
+        structure = maps.sum(dim=1)
+        if self.training:
+            pick = torch.randint(maps.shape[1], (maps.shape[0],), device=maps.device)
+            detail = maps[torch.arange(maps.shape[0], device=maps.device), pick]
+        else:
+            detail = structure
+        return structure, detail
+
+    def forward(self, x: torch.Tensor, return_extras: bool = False):
+        """x: (n, 3, S, S) normalised images. Returns TASNOutput, or (TASNOutput, TASNExtras)."""
+        n = x.shape[0]
+        att_logits, maps = self.attention_maps(x)
+        structure_map, detail_map = self.select_maps(maps)
+        sampler = dict(out_size=self.out_size, dense=self.dense, iters=self.iters)
+        # Squared after upsampling to S x S; the sampler squares the profiles, which is the same.
+        structure = attention_sample(x, structure_map, power=2.0, **sampler)
+        detail = attention_sample(x, detail_map, power=1.0, **sampler)
+        feats = self.backbone(torch.cat([detail, structure], dim=0))
+        part_feats, master_feats = feats[:n], feats[n:]
+        shared = self.fc(feats)
+        out = TASNOutput(
+            attention=att_logits,
+            part=self.fc_part(part_feats),
+            master=self.fc_master(master_feats),
+            part_aux=shared[:n],
+            master_aux=shared[n:],
+        )
+        if return_extras:
+            return out, TASNExtras(structure_map, detail_map, structure, detail)
+        return out
+
+
+class Baseline(nn.Module):
+    """The plain backbone on the image resized to `out_size` (the resolution TASN's backbone
+    sees), i.e. TASN's sampler with uniform attention: the side-by-side reference."""
+
+    heads = BaselineOutput._fields
+    primary_head = "logits"
+
+    def __init__(self, num_classes: int, backbone: str = "resnet50", out_size: int = 224, pretrained: str = "none"):
+        super().__init__()
+        self.num_classes = num_classes
+        self.out_size = out_size
+        self.backbone = SharedBackbone(backbone, pretrained)
+        self.fc = nn.Linear(self.backbone.features, num_classes)
+        xavier_init(self.fc)
+
+    def forward(self, x: torch.Tensor, return_extras: bool = False):
+        small = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=True)
+        out = BaselineOutput(self.fc(self.backbone(small)))
+        return (out, None) if return_extras else out
+
+
+def build_model(cfg, num_classes: int | None = None) -> nn.Module:
+    """TASN or the baseline from a `tasn.config.ModelConfig`."""
+    classes = num_classes or cfg.num_classes
+    if not classes or classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {classes}")
+    if cfg.kind == "baseline":
+        return Baseline(classes, cfg.backbone, cfg.out_size, cfg.pretrained)
+    if cfg.kind != "tasn":
+        raise ValueError(f"model.kind must be tasn or baseline, got {cfg.kind!r}")
+    return TASN(
+        classes,
+        backbone=cfg.backbone,
+        att_backbone=cfg.att_backbone,
+        att_head_channels=cfg.att_head_channels,
+        att_size=cfg.att_size,
+        out_size=cfg.out_size,
+        dense=cfg.dense,
+        iters=cfg.iters,
+        pretrained=cfg.pretrained,
+        att_pretrained=cfg.att_pretrained,
+    )
