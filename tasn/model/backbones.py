@@ -86,7 +86,10 @@ def build_resnet(arch: str, pretrained: str = "none") -> torchvision.models.ResN
     else:
         state = _state_dict_from(pretrained)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"pretrained weights {pretrained!r} do not fit {arch}: {str(exc)[:300]}") from exc
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(

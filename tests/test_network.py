@@ -1,0 +1,105 @@
+"""The TASN network: head shapes, map selection, and where gradients flow (and don't)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasn.config import ModelConfig
+from tasn.model import TASN, Baseline, TASNLoss, build_model
+from tasn.model.attention import trilinear_attention
+from tasn.model.sampler import attention_sample
+
+
+def small_tasn(num_classes: int = 5) -> TASN:
+    return TASN(num_classes, backbone="resnet18-slim", att_backbone="resnet18-slim", att_head_channels=16,
+                att_size=64, out_size=48)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 3, 96, 96, generator=g), torch.tensor([0, 2, 4])
+
+
+def test_every_head_has_the_right_shape(batch):
+    torch.manual_seed(0)
+    model = small_tasn()
+    out, extras = model(batch[0], return_extras=True)
+    assert out._fields == ("attention", "part", "master", "part_aux", "master_aux")
+    for head in out:
+        assert head.shape == (3, 5)
+    assert extras.structure_map.shape == (3, 8, 8) and extras.detail_map.shape == (3, 8, 8)
+    assert extras.structure_images.shape == extras.detail_images.shape == (3, 3, 48, 48)
+    assert model.primary_head == "master_aux"
+
+
+def test_structure_and_detail_images_follow_the_definition(batch):
+    torch.manual_seed(0)
+    model = small_tasn().eval()
+    x = batch[0]
+    with torch.no_grad():
+        _, extras = model(x, return_extras=True)
+        _, feats = model.attention_net(F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False))
+        maps = trilinear_attention(feats)
+    summed = maps.sum(1)
+    torch.testing.assert_close(extras.structure_map, summed)
+    torch.testing.assert_close(extras.detail_map, summed)  # evaluation: the deterministic sum
+    up = F.interpolate(summed.unsqueeze(1), size=(96, 96), mode="bilinear", align_corners=True).squeeze(1)
+    torch.testing.assert_close(extras.structure_images, attention_sample(x, up**2, 48), atol=1e-5, rtol=0)
+    torch.testing.assert_close(extras.detail_images, attention_sample(x, up, 48), atol=1e-5, rtol=0)
+
+
+def test_training_detail_map_is_one_channel_per_sample():
+    torch.manual_seed(3)
+    model = small_tasn().train()
+    maps = torch.rand(4, 16, 8, 8)
+    _, detail = model.select_maps(maps)
+    for i in range(4):
+        assert any(torch.equal(detail[i], maps[i, c]) for c in range(16))
+
+
+def test_sampling_branches_send_no_gradient_into_the_attention_net(batch):
+    torch.manual_seed(0)
+    model = small_tasn()
+    out = model(batch[0])
+    terms = TASNLoss()(out, batch[1])[1]
+    sampled_only = terms["part"] + terms["master"] + terms["part_aux"] + terms["master_aux"] + terms["distill"]
+    sampled_only.backward(retain_graph=True)
+    for name, p in model.attention_net.named_parameters():
+        assert p.grad is None or p.grad.abs().sum() == 0, name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+    model.zero_grad(set_to_none=True)
+    terms["attention"].backward()
+    grads = [p.grad for p in model.attention_net.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_build_model_from_config_and_baseline_shape():
+    cfg = ModelConfig(kind="baseline", backbone="resnet18-slim", out_size=32)
+    model = build_model(cfg, num_classes=4)
+    assert isinstance(model, Baseline) and model.primary_head == "logits"
+    assert model(torch.randn(2, 3, 64, 64)).logits.shape == (2, 4)
+    tasn = build_model(ModelConfig(backbone="resnet18-slim", att_backbone="resnet18-slim", att_head_channels=8,
+                                   att_size=32, out_size=32), num_classes=3)
+    assert isinstance(tasn, TASN)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        build_model(cfg, num_classes=1)
+
+
+def test_local_pretrained_weights_load_and_bad_paths_fail(tmp_path):
+    from tasn.model.backbones import build_resnet
+
+    src = build_resnet("resnet18-slim")
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    loaded = build_resnet("resnet18-slim", str(tmp_path / "w.pth"))
+    torch.testing.assert_close(loaded.conv1.weight, src.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        build_resnet("resnet18-slim", str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="do not fit resnet18"):
+        build_resnet("resnet18", str(tmp_path / "w.pth"))
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_resnet("resnet18-slim", "imagenet")
