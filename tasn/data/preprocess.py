@@ -1,0 +1,123 @@
+"""`tasn preprocess`: raw CUB layout -> compact shards a DataLoader reads fast (no bounding boxes).
+
+Each image is decoded, EXIF-oriented, converted to RGB, resized so its shorter side is
+`preprocess.size` (aspect kept; TASN crops `model.input_size` from it at train time) and re-encoded
+as JPEG. The JPEG bytes are concatenated into a few shard files (`shards/shard-00000.bin`, ...) and
+`manifest.parquet` says where each image lives (shard, offset, length) with its id, split, label
+and sizes. One open file per shard, no directory walk, no per-image files: fast to copy, to DVC-track
+and to read from many loader processes. The output directory is replaced atomically, and the
+same input and config give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from tasn.config import ConfigError, PreprocessConfig
+from tasn.data.images import decode, to_rgb
+from tasn.data.layout import check_layout, read_layout
+from tasn.data.parallel import imap
+from tasn.errors import DataError
+from tasn.io import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SHARD_BYTES = 256 * 2**20  # a new shard starts past this size
+MANIFEST = "manifest.parquet"
+CLASSES = "classes.json"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class _Job:
+    path: str
+    size: int
+    quality: int
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """Scale so that the shorter side is `size`, keeping the aspect ratio."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC, reducing_gap=None)
+
+
+def _process(job: _Job) -> tuple[bytes, int, int, int, int, str, str]:
+    raw = Path(job.path).read_bytes() if Path(job.path).is_file() else b""
+    img = decode(job.path)
+    mode, (w0, h0) = img.mode, img.size
+    out = resize_shorter(to_rgb(img), job.size)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=job.quality)
+    return buf.getvalue(), out.width, out.height, w0, h0, mode, hashlib.sha256(raw).hexdigest()
+
+
+def preprocess(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: PreprocessConfig) -> dict:
+    """Write shards, `manifest.parquet`, `classes.json` and `summary.json` to `out_dir`; return the summary.
+
+    A broken input (layout inconsistency, an undecodable image) raises DataError naming the file,
+    and `out_dir` is left as it was.
+    """
+    if cfg.size < 8:
+        raise ConfigError(f"preprocess.size: must be >= 8, got {cfg.size}")
+    if not 1 <= cfg.jpeg_quality <= 100:
+        raise ConfigError(f"preprocess.jpeg_quality: must be in 1..100, got {cfg.jpeg_quality}")
+    layout = read_layout(data_dir)
+    check_layout(layout)
+    if layout.images.empty:
+        raise DataError(f"{layout.root / 'images.txt'}: lists no images")
+    table = layout.images.sort_values("image_id").reset_index(drop=True)
+    names = layout.class_names()
+    label_of = {cid: k for k, cid in enumerate(sorted(layout.classes["class_id"]))}
+    jobs = [_Job(str(layout.root / "images" / p), cfg.size, cfg.jpeg_quality) for p in table["path"]]
+    out_dir = Path(out_dir)
+    records = []
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "shards").mkdir()
+        shard, shard_file, offset = -1, None, SHARD_BYTES
+        try:
+            for row, result in zip(table.itertuples(), imap(_process, jobs, cfg.workers, desc="preprocess")):
+                data, w, h, w0, h0, mode, sha = result
+                if offset + len(data) > SHARD_BYTES and offset > 0:
+                    if shard_file:
+                        shard_file.close()
+                    shard, offset = shard + 1, 0
+                    shard_file = open(tmp / "shards" / f"shard-{shard:05d}.bin", "wb")
+                shard_file.write(data)
+                label = label_of[int(row.class_id)]
+                records.append(
+                    dict(image_id=int(row.image_id), path=row.path, label=label, class_name=names[label],
+                         split="train" if row.is_train else "test", shard=f"shards/shard-{shard:05d}.bin",
+                         offset=offset, length=len(data), width=w, height=h,
+                         source_width=w0, source_height=h0, source_mode=mode, source_sha256=sha)
+                )
+                offset += len(data)
+        finally:
+            if shard_file:
+                shard_file.close()
+        manifest = pd.DataFrame.from_records(records)
+        manifest.to_parquet(tmp / MANIFEST, index=False)
+        atomic_write_json(tmp / CLASSES, names)
+        summary = {
+            "images": len(manifest),
+            "train": int((manifest["split"] == "train").sum()),
+            "test": int((manifest["split"] == "test").sum()),
+            "classes": len(names),
+            "size": cfg.size,
+            "jpeg_quality": cfg.jpeg_quality,
+            "shards": shard + 1,
+            "bytes": int(manifest["length"].sum()),
+            "source": str(Path(data_dir)),
+        }
+        atomic_write_json(tmp / SUMMARY, summary)
+    log.info("preprocessed %d images into %s", len(manifest), out_dir)
+    return summary

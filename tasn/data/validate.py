@@ -1,0 +1,263 @@
+"""`tasn validate`: the image manifest, a great-expectations suite over it, and a report people read.
+
+The suite is the contract a raw dataset must meet before anything trains on it. Rules that are
+about single images run over the manifest (one row per listed image; one more table holds every
+file under images/, to catch unlisted ones); rules about the dataset as a whole run over small
+per-class and per-split tables. Every failed rule names each offending file (or class) with the
+value that broke it. Outputs (`summary.json`, `report.html`, `manifest.parquet`) go to the report
+directory atomically on success; on failure they go to `<report-dir>-failed/` instead, so the last
+good report is never overwritten, and the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from tasn.config import ConfigError, ValidateConfig
+from tasn.data.layout import IMAGES_TXT, LABELS_TXT, SPLIT_TXT, read_layout
+from tasn.data.manifest import build_manifest
+from tasn.errors import DataError
+from tasn.io import atomic_dir, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+MAX_LISTED = 50  # offenders spelled out per rule in the error message (all are in the report)
+
+
+def _gx():
+    """great_expectations, imported on first use with its chatty INFO logging turned down."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    import great_expectations
+
+    return great_expectations
+
+
+@dataclass
+class Rule:
+    """One expectation, the table it runs on, and how to describe an offending row."""
+
+    id: str
+    title: str
+    table: str  # images | files | classes | totals
+    expectation: Callable  # () -> a great_expectations Expectation
+    detail: Callable[[pd.Series], str]
+
+
+def rules(cfg: ValidateConfig, class_ids: list[int]) -> list[Rule]:
+    """The suite. `class_ids` are the ids of classes.txt (the valid label range)."""
+    E = _gx().expectations
+    lo, hi = (min(class_ids), max(class_ids)) if class_ids else (0, 0)
+    need = max(1, cfg.min_images_per_class)
+    return [
+        Rule("exists", "every listed image exists", "images",
+             lambda: E.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
+             lambda r: f"listed in {IMAGES_TXT} but missing"),
+        Rule("listed", "every image file is listed", "files",
+             lambda: E.ExpectColumnValuesToBeInSet(column="listed", value_set=[True]),
+             lambda r: f"present but not listed in {IMAGES_TXT}"),
+        Rule("unique_id", "image ids are unique", "images",
+             lambda: E.ExpectColumnValuesToBeUnique(column="image_id"),
+             lambda r: f"duplicate image id {r.image_id} in {IMAGES_TXT}"),
+        Rule("has_label", "every image has a label", "images",
+             lambda: E.ExpectColumnValuesToNotBeNull(column="class_id"),
+             lambda r: f"image id {r.image_id} has no line in {LABELS_TXT}"),
+        Rule("label_in_range", "labels are classes of classes.txt", "images",
+             lambda: E.ExpectColumnValuesToBeInSet(column="class_id", value_set=list(class_ids)),
+             lambda r: f"label id {r.class_id} out of range (classes.txt has ids {lo}..{hi})"),
+        Rule("has_split", "every image is in a split", "images",
+             lambda: E.ExpectColumnValuesToNotBeNull(column="split"),
+             lambda r: f"image id {r.image_id} has no line in {SPLIT_TXT}"),
+        Rule("decodable", "every image decodes", "images",
+             lambda: E.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
+             lambda r: f"not decodable: {r.error}"),
+        Rule("min_side", f"shorter side >= {cfg.min_side} px", "images",
+             lambda: E.ExpectColumnValuesToBeBetween(column="min_side", min_value=cfg.min_side),
+             lambda r: f"shorter side {r.min_side} px < {cfg.min_side} px ({r.width}x{r.height})"),
+        Rule("unique_bytes", "no two images are identical", "images",
+             lambda: E.ExpectColumnValuesToBeUnique(column="sha256"),
+             lambda r: f"identical bytes to another listed image (sha256 {str(r.sha256)[:12]})"),
+        Rule("no_leakage", "no identical image in both train and test", "images",
+             lambda: E.ExpectColumnValuesToBeInSet(column="leak", value_set=[False]),
+             lambda r: f"same image bytes in train and test (leakage; sha256 {str(r.sha256)[:12]})"),
+        Rule("train_per_class", f"every class has >= {need} train image(s)", "classes",
+             lambda: E.ExpectColumnValuesToBeBetween(column="n_train", min_value=need),
+             lambda r: f"has {r.n_train} train image(s), needs >= {need}"),
+        Rule("test_per_class", f"every class has >= {need} test image(s)", "classes",
+             lambda: E.ExpectColumnValuesToBeBetween(column="n_test", min_value=need),
+             lambda r: f"has {r.n_test} test image(s), needs >= {need}"),
+        Rule("class_balance", f"largest/smallest class <= {cfg.max_class_imbalance:g} per split", "totals",
+             lambda: E.ExpectColumnValuesToBeBetween(column="imbalance", max_value=cfg.max_class_imbalance),
+             lambda r: f"{r.split} split: largest class / smallest class = {r.imbalance:.2f} > {cfg.max_class_imbalance:g}"),
+        Rule("test_fraction", f"test fraction in [{cfg.test_fraction_min:g}, {cfg.test_fraction_max:g}]", "fraction",
+             lambda: E.ExpectColumnValuesToBeBetween(column="test_fraction", min_value=cfg.test_fraction_min, max_value=cfg.test_fraction_max),
+             lambda r: f"test fraction {r.test_fraction:.3f} outside [{cfg.test_fraction_min:g}, {cfg.test_fraction_max:g}]"),
+    ]
+
+
+INDEX = {"images": "path", "files": "path", "classes": "class_dir", "totals": "split", "fraction": "name"}
+
+
+def dataset_tables(manifest: pd.DataFrame, classes: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The tables the suite runs on: images, files, classes (counts per split), totals, fraction."""
+    images = manifest[manifest["listed"]].reset_index(drop=True)
+    counts = images.groupby(["class_id", "split"]).size().unstack(fill_value=0)
+    per_class = classes.copy()
+    for split in ("train", "test"):
+        col = counts[split] if split in counts else pd.Series(dtype=int)
+        per_class[f"n_{split}"] = [int(col.get(c, 0)) for c in per_class["class_id"]]
+    totals = pd.DataFrame(
+        [{"split": s, "images": int(per_class[f"n_{s}"].sum()),
+          "imbalance": float(per_class[f"n_{s}"].max() / max(1, per_class[f"n_{s}"].min())) if len(per_class) else 0.0}
+         for s in ("train", "test")]
+    )
+    n = int(totals["images"].sum())
+    fraction = pd.DataFrame([{"name": "dataset", "test_fraction": float(totals["images"].iloc[1] / n) if n else 0.0}])
+    return {"images": images, "files": manifest, "classes": per_class, "totals": totals, "fraction": fraction}
+
+
+def _plain(df: pd.DataFrame) -> pd.DataFrame:
+    """Object columns with None for missing values: what great-expectations' pandas engine expects."""
+    return df.astype(object).where(df.notna(), None)
+
+
+def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule]) -> list[dict]:
+    """Run every rule through great-expectations; return one result per rule with its offenders."""
+    gx = _gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    source = ctx.data_sources.add_pandas("tasn")
+    results = []
+    for name, table in tables.items():
+        mine = [r for r in suite_rules if r.table == name]
+        if not mine:
+            continue
+        batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"tasn_{name}"))
+        for rule in mine:
+            exp = rule.expectation()
+            exp.meta = {"rule": rule.id}
+            suite.add_expectation(exp)
+        batch = batch_def.get_batch(batch_parameters={"dataframe": _plain(table)})
+        key = INDEX[name]
+        outcome = batch.validate(suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]})
+        by_rule = {r.expectation_config.meta["rule"]: r for r in outcome.results}
+        lookup = table.drop_duplicates(subset=[key]).set_index(key, drop=False)
+        for rule in mine:
+            res = by_rule[rule.id]
+            if res.exception_info and res.exception_info.get("raised_exception"):
+                raise DataError(f"validation rule {rule.id} could not run: {res.exception_info.get('exception_message')}")
+            keys = [] if res.success else [d[key] for d in res.result.get("unexpected_index_list") or []]
+            prefix = "images/" if key == "path" else ""
+            offenders = [f"{prefix}{k}: {rule.detail(lookup.loc[k])}" for k in dict.fromkeys(keys)]
+            results.append({"id": rule.id, "rule": rule.title, "passed": bool(res.success), "offenders": offenders})
+    return results
+
+
+def _picture(manifest: pd.DataFrame, per_class: pd.DataFrame) -> str:
+    """Image sizes and per-class counts as a base64 PNG for the HTML report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    ok = manifest.dropna(subset=["width", "height"])
+    axes[0].scatter(ok["width"].astype(float), ok["height"].astype(float), s=6, alpha=0.6)
+    axes[0].set(xlabel="width (px)", ylabel="height (px)", title="image sizes")
+    x = range(len(per_class))
+    axes[1].bar(x, per_class["n_train"], label="train")
+    axes[1].bar(x, per_class["n_test"], bottom=per_class["n_train"], label="test")
+    axes[1].set(xlabel="class id", ylabel="images", title="images per class")
+    axes[1].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
+    """A self-contained page: verdict, one line per rule, offenders, per-class counts, a picture."""
+    e = html.escape
+    verdict = "PASSED" if summary["passed"] else "FAILED"
+    colour = "#1a7f37" if summary["passed"] else "#cf222e"
+    rows = "".join(
+        f"<tr><td>{'&#10003;' if r['passed'] else '&#10007;'}</td><td>{e(r['rule'])}</td><td>{len(r['offenders'])}</td></tr>"
+        for r in summary["rules"]
+    )
+    failures = "".join(
+        f"<h3>{e(r['rule'])} <small>({e(r['id'])})</small></h3><ul>" + "".join(f"<li><code>{e(o)}</code></li>" for o in r["offenders"]) + "</ul>"
+        for r in summary["rules"] if not r["passed"]
+    )
+    per_class = tables["classes"][["class_id", "class_dir", "n_train", "n_test"]].to_html(index=False, border=0)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tasn validate: {e(summary['data'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse}}
+td,th{{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}} .v{{color:{colour}}}</style></head><body>
+<h1>Data validation: <span class="v">{verdict}</span></h1>
+<p><code>{e(summary['data'])}</code>: {summary['images']} images ({summary['train']} train, {summary['test']} test),
+{summary['classes']} classes, {summary['files']} files under images/. {summary['failed_rules']} of {len(summary['rules'])} rules failed.</p>
+<h2>Rules</h2><table><tr><th></th><th>rule</th><th>offenders</th></tr>{rows}</table>
+{'<h2>Failures</h2>' + failures if failures else ''}
+<h2>Data</h2><img alt="image sizes and class counts" src="data:image/png;base64,{_picture(tables['images'], tables['classes'])}">
+<h2>Classes</h2>{per_class}
+</body></html>
+"""
+
+
+def failed_dir(report_dir: str | os.PathLike) -> Path:
+    """Where a failed run's report goes, beside the last good one."""
+    report_dir = Path(report_dir)
+    return report_dir.with_name(report_dir.name + "-failed")
+
+
+def validate(data_dir: str | os.PathLike, report_dir: str | os.PathLike, cfg: ValidateConfig) -> dict:
+    """Validate the raw dataset at `data_dir`; write the report; raise DataError if any rule fails."""
+    if cfg.max_class_imbalance < 1 or not 0 <= cfg.test_fraction_min <= cfg.test_fraction_max <= 1:
+        raise ConfigError("validate: need max_class_imbalance >= 1 and 0 <= test_fraction_min <= test_fraction_max <= 1")
+    start = time.perf_counter()
+    layout = read_layout(data_dir)
+    manifest = build_manifest(layout, cfg.workers)
+    tables = dataset_tables(manifest, layout.classes)
+    results = run_suite(tables, rules(cfg, [int(c) for c in layout.classes["class_id"]]))
+    failed = [r for r in results if not r["passed"]]
+    images = tables["images"]
+    summary = {
+        "passed": not failed,
+        "data": str(Path(data_dir)),
+        "images": len(images),
+        "files": int(manifest["exists"].fillna(False).sum()),
+        "classes": len(layout.classes),
+        "train": int((images["split"] == "train").sum()),
+        "test": int((images["split"] == "test").sum()),
+        "bytes": int(manifest["bytes"].fillna(0).sum()),
+        "failed_rules": len(failed),
+        "rules": results,
+    }
+    out = failed_dir(report_dir) if failed else Path(report_dir)
+    with atomic_dir(out) as tmp:
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        atomic_write_text(tmp / "report.html", render_html(summary, tables))
+        atomic_write_json(tmp / "summary.json", summary)
+    log.info("validated %d images in %.1f s: %s", len(images), time.perf_counter() - start, "passed" if not failed else "FAILED")
+    if failed:
+        lines = [f"[{r['id']}] {o}" for r in failed for o in r["offenders"]] or [f"[{r['id']}] {r['rule']}" for r in failed]
+        more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
+        raise DataError(
+            f"{data_dir}: {len(failed)} validation rule(s) failed ({', '.join(r['id'] for r in failed)}); "
+            f"report: {out / 'report.html'} ({Path(report_dir)} left as it was)\n  " + "\n  ".join(lines[:MAX_LISTED]) + more
+        )
+    if failed_dir(report_dir).exists():  # a stale failure report would contradict this pass
+        shutil.rmtree(failed_dir(report_dir))
+    return summary
