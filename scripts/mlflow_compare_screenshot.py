@@ -1,0 +1,209 @@
+"""Re-make docs/images/mlflow_compare.png: the MLflow UI comparing a TASN run and a baseline run.
+
+Everything is real and local: a `mlflow server --workers 1` on loopback (sqlite store in a temporary
+folder), the embedded synthetic sample at the `smoke` size, one short TASN and one baseline
+training run (`tasn.train.train`), each evaluated on the test split (`tasn.evaluate.evaluate`,
+which logs the `test_*` metrics to its run), then headless Chromium opens the MLflow
+compare-runs page, shows only the parameters that differ, and saves a screenshot. Needs Debian's
+`chromium`.
+
+    .venv/bin/python scripts/mlflow_compare_screenshot.py [--out docs/images/mlflow_compare.png]
+        [--epochs 3] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--hide-scrollbars",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"mlflow server exited: see {root / 'server.log'}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("mlflow server did not start within 180 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def train_and_evaluate(kind: str, data: Path, work: Path, url: str, epochs: int) -> str:
+    """One short training run of `kind`, evaluated and logged; returns the run id."""
+    from tasn.config import load_config
+    from tasn.evaluate import evaluate
+    from tasn.train import train
+
+    cfg = load_config(ROOT / "params.yaml", "smoke", [
+        f"model.kind={kind}", f"train.epochs={epochs}", f"tracking.uri={url}", "tracking.experiment=tasn-vs-baseline",
+        "tracking.system_metrics=false", "evaluate.timing_batches=2",
+    ])
+    out = work / kind
+    summary = train(cfg, data, out / "train")
+    run_id = summary["run_id"]
+    evaluate(cfg, data, str(out / "train" / "model.pt"), out / "evaluate", run_id=run_id)
+    return run_id
+
+
+# Run in the page once it has loaded: only differing params, no assistant panel, no plot.
+TIDY_JS = """(() => {
+  const click = sel => { const e = document.querySelector(sel); if (e) e.click(); return !!e; };
+  click('button[aria-label="Parameters - Show diff only"]');
+  click('button[data-component-id="mlflow.assistant.chat_panel.close"]');
+  const viz = Array.from(document.querySelectorAll('*')).filter(e => e.innerText && e.innerText.trim() === 'Visualizations');
+  if (viz.length) viz[viz.length - 1].click();
+  return true;
+})()"""
+BOTTOM_JS = """(() => { const m = Array.from(document.querySelectorAll('*')).filter(e => e.innerText && e.innerText.trim() === 'Artifacts');
+  return m.length ? m[m.length - 1].getBoundingClientRect().top : null; })()"""
+
+
+def screenshot(url: str, out: Path, width: int, wait_s: float) -> None:
+    """Headless Chromium driven over the DevTools protocol (websocket-client, a kfp dependency):
+    load the compare page, tidy it, capture from the top to the Artifacts section."""
+    import base64
+
+    import websocket
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        raise SystemExit("chromium not found: apt-get install chromium")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        proc = subprocess.Popen(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},1200",
+             f"--remote-debugging-port={port}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2))
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("chromium's DevTools endpoint did not answer")
+                    time.sleep(0.3)
+            page = next(t for t in targets if t["type"] == "page")
+            ws = websocket.create_connection(page["webSocketDebuggerUrl"], suppress_origin=True, timeout=120)
+            counter = iter(range(1, 1_000_000))
+
+            def call(method: str, **params):
+                msg_id = next(counter)
+                ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+                while True:
+                    msg = json.loads(ws.recv())
+                    if msg.get("id") == msg_id:
+                        return msg.get("result", {})
+
+            def js(expr: str):
+                return call("Runtime.evaluate", expression=expr, returnByValue=True).get("result", {}).get("value")
+
+            call("Page.navigate", url=url)
+            deadline = time.monotonic() + wait_s
+            while not js("!!document.body && document.body.innerText.includes('Run details')"):
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the MLflow compare page did not render within {wait_s:.0f} s")
+                time.sleep(0.5)
+            time.sleep(3)  # metrics tables fill in after the header
+            call("Emulation.setDeviceMetricsOverride", width=width, height=5000, deviceScaleFactor=1, mobile=False)
+            js(TIDY_JS)
+            time.sleep(3)
+            bottom = js(BOTTOM_JS) or 1400
+            shot = call("Page.captureScreenshot", format="png",
+                        clip={"x": 0, "y": 0, "width": width, "height": int(bottom) - 20, "scale": 1})
+            from tasn.io import atomic_write_bytes
+
+            atomic_write_bytes(out, base64.b64decode(shot["data"]))
+            ws.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs/images/mlflow_compare.png"))
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--width", type=int, default=1600, help="browser window width")
+    ap.add_argument("--wait", type=float, default=120, help="seconds allowed for the page to render")
+    ap.add_argument("--keep", default=None, help="keep the work folder here instead of a temporary one")
+    args = ap.parse_args()
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(name, None)
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mlflow-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    proc, url = start_server(work)
+    try:
+        from tasn.config import load_config
+        from tasn.data.preprocess import preprocess
+        from tasn.data.synth import generate
+
+        cfg = load_config(ROOT / "params.yaml", "smoke")
+        cfg.preprocess.workers = 1
+        generate(work / "raw", cfg.data.synth, workers=1)
+        preprocess(work / "raw", work / "prepared", cfg.preprocess)
+        runs = [train_and_evaluate(kind, work / "prepared", work, url, args.epochs) for kind in ("tasn", "baseline")]
+        import mlflow
+
+        exp = mlflow.MlflowClient(url).get_run(runs[0]).info.experiment_id
+        page = f"{url}/#/compare-runs?runs={json.dumps(runs)}&experiments={json.dumps([exp])}"
+        print("comparing", page)
+        screenshot(page, Path(args.out), args.width, args.wait)
+        print("wrote", args.out)
+    finally:
+        stop_server(proc)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Registry, champion/challenger gate and promotion history against a real `mlflow server`.
+
+The registered versions point at a real logged model (a Predictor around a 3-class
+resnet18-slim Baseline); each test uses its own registered model name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tasn import registry
+from tasn.cli import main
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tracking(mlflow_server, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    return mlflow_server.url
+
+
+@pytest.fixture(scope="module")
+def runs(mlflow_server):
+    """{data version: (run_id, model_uri)}: one real model, two runs tagged as `tasn train` does."""
+    import mlflow
+
+    from tasn.model import Baseline
+    from tasn.predict import Predictor, log_model
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    predictor = Predictor(Baseline(3, "resnet18-slim", out_size=32), ["cardinal", "jay", "wren"], input_size=32, resize=40)
+    out = {}
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"data.version": "d1", "git.commit": "c0ffee1"})
+        info = log_model(predictor)
+    out["d1"] = (run.info.run_id, info.model_uri)
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"data.version": "d2", "git.commit": "c0ffee2"})
+    out["d2"] = (run.info.run_id, info.model_uri)
+    return out
+
+
+@pytest.fixture
+def name(tracking):
+    return f"tasn-{uuid.uuid4().hex[:8]}"
+
+
+def add(runs, name, value, data="d1") -> str:
+    run_id, uri = runs[data]
+    return str(registry.register(run_id, uri, {"master_aux_top1": value, "top1": value, "loss": float("nan")}, name).version)
+
+
+def holder(name, alias="staging"):
+    mv = registry.alias_holder(registry.client(), name, alias)
+    return None if mv is None else str(mv.version)
+
+
+def promote_cli(*args) -> int:
+    return main(["promote", *args])
+
+
+def test_register_tags_metrics_data_version_and_commit(runs, name):
+    v = add(runs, name, 0.625)
+    mv = registry.client().get_model_version(name, v)
+    assert mv.tags["metric.master_aux_top1"] == "0.625" and float(mv.tags["metric.top1"]) == 0.625
+    assert "metric.loss" not in mv.tags  # NaN is not a comparable metric
+    assert mv.tags["data_version"] == "d1"
+    assert mv.tags["git_commit"] == "c0ffee1"
+    assert mv.tags["run_id"] == runs["d1"][0]
+
+
+def test_first_then_better_then_worse_then_tie(runs, name, capsys):
+    v1, v2, v3, v4 = (add(runs, name, x) for x in (0.5, 0.75, 0.25, 0.75))
+    assert promote_cli("--name", name, "--version", v1) == 0
+    assert holder(name) == v1 and "first promotion" in capsys.readouterr().out
+
+    assert promote_cli("--name", name, "--version", v2) == 0
+    assert holder(name) == v2
+
+    assert promote_cli("--name", name, "--version", v3) == 3
+    err = capsys.readouterr().err
+    assert "refused" in err and "worse" in err and "0.25" in err and "0.75" in err
+    assert holder(name) == v2
+
+    assert promote_cli("--name", name, "--version", v4) == 3  # a tie is not a win
+    err = capsys.readouterr().err
+    assert "tie" in err and err.count("0.75") == 2
+    assert holder(name) == v2
+
+    hist = registry.history(name)
+    assert [(r["version"], r["previous"]) for r in hist["promotions"]] == [(v1, None), (v2, v1)]
+    assert hist["consistent"]
+
+
+def test_other_data_version_is_not_comparable(runs, name, capsys):
+    v1 = add(runs, name, 0.5, "d1")
+    v2 = add(runs, name, 0.9, "d2")
+    registry.gate(name, v1)
+    assert promote_cli("--name", name, "--version", v2) == 3
+    err = capsys.readouterr().err
+    assert "data version d2" in err and "d1" in err
+    assert holder(name) == v1
+
+
+def test_dry_run_writes_decision_and_changes_nothing(runs, name, tmp_path):
+    v1, v2, v3 = (add(runs, name, x) for x in (0.5, 0.25, 0.75))
+    registry.gate(name, v1)
+    refused = tmp_path / "refused.json"
+    assert promote_cli("--name", name, "--version", v2, "--dry-run", "--decision-file", str(refused)) == 0
+    d = json.loads(refused.read_text())
+    assert d["promote"] is False and d["decision"] == "refuse"
+    assert (d["candidate"], d["incumbent"], d["incumbent_version"]) == (0.25, 0.5, v1)
+    better = tmp_path / "better.json"
+    assert promote_cli("--name", name, "--version", v3, "--dry-run", "--decision-file", str(better)) == 0
+    assert json.loads(better.read_text())["promote"] is True
+    assert holder(name) == v1 and len(registry.history(name)["promotions"]) == 1
+
+
+def test_forced_promotion_needs_and_records_reason(runs, name, capsys, monkeypatch):
+    v1, v2 = add(runs, name, 0.5), add(runs, name, 0.25)
+    registry.gate(name, v1)
+    assert promote_cli("--name", name, "--version", v2, "--force") == 1
+    assert "--reason" in capsys.readouterr().err and holder(name) == v1
+    monkeypatch.setenv("TASN_USER", "alice")
+    assert promote_cli("--name", name, "--version", v2, "--force", "--reason", "rollback: v1 misroutes jays") == 0
+    assert holder(name) == v2
+    rec = registry.history(name)["promotions"][-1]
+    assert rec["forced"] is True and "rollback: v1 misroutes jays" in rec["why"]
+    assert rec["who"].startswith("alice@") and rec["previous"] == v1
+    assert (rec["candidate"], rec["incumbent"]) == (0.25, 0.5)
+
+
+def test_production_moves_the_staging_version(runs, name, capsys):
+    v1, v2 = add(runs, name, 0.5), add(runs, name, 0.75)
+    assert promote_cli("--name", name, "--to", "production") == 1  # nothing in staging yet
+    assert "staging" in capsys.readouterr().err
+    registry.gate(name, v1)
+    assert promote_cli("--name", name, "--to", "production") == 0
+    assert holder(name, "production") == v1
+    registry.gate(name, v2)
+    assert promote_cli("--name", name, "--to", "production", "--version", v1) == 1  # not the staging one
+    assert "does not hold 'staging'" in capsys.readouterr().err
+    assert promote_cli("--name", name, "--to", "production", "--version", v2, "--reason", "canary passed") == 0
+    assert holder(name, "production") == v2 and holder(name, "staging") == v2
+    rec = registry.history(name)["promotions"][-1]
+    assert (rec["alias"], rec["version"], rec["previous"], rec["why"]) == ("production", v2, v1, "canary passed")
+
+
+def test_history_command_reads_back_in_order(runs, name, capsys):
+    v1, v2, v3 = (add(runs, name, x) for x in (0.5, 0.6, 0.7))
+    for v in (v1, v2, v3):
+        registry.gate(name, v)
+    registry.to_production(name)
+    capsys.readouterr()
+    assert main(["registry", "history", "--name", name, "--json"]) == 0
+    hist = json.loads(capsys.readouterr().out)
+    assert [r["seq"] for r in hist["promotions"]] == [1, 2, 3, 4]
+    assert [(r["alias"], r["version"], r["previous"]) for r in hist["promotions"]] == [
+        ("staging", v1, None), ("staging", v2, v1), ("staging", v3, v2), ("production", v3, None)]
+    assert all(r["when"].endswith("+00:00") and "@" in r["who"] for r in hist["promotions"])
+    assert hist["aliases"] == {"staging": v3, "production": v3} and hist["consistent"]
+    assert main(["registry", "history", "--name", name]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["seq", "when", "(UTC)"] and len(table) >= 5
+    assert f"aliases now production=v{v3}, staging=v{v3}" in table[-1]
+
+
+def test_history_flags_an_alias_moved_by_hand(runs, name):
+    v1, v2 = add(runs, name, 0.5), add(runs, name, 0.4)
+    registry.gate(name, v1)
+    registry.client().set_registered_model_alias(name, "staging", v2)  # bypassing the gate
+    hist = registry.history(name)
+    assert not hist["consistent"] and "held by v" + v2 in hist["problems"][0]
+
+
+def test_the_lock_serialises_promotions(runs, name):
+    v1 = add(runs, name, 0.5)
+    mc = registry.client()
+    result = {}
+    with registry.promotion_lock(mc, name):
+        t = threading.Thread(target=lambda: result.update(d=registry.gate(name, v1)))
+        t.start()
+        t.join(1.5)
+        assert t.is_alive() and holder(name) is None  # waiting for the lock
+    t.join(60)
+    assert result["d"].applied and holder(name) == v1
+    assert registry._lock_tags(mc, name + registry.LOCK_SUFFIX) is None  # the lock model is gone
+
+
+def test_an_expired_lock_is_taken_over(runs, name):
+    v1 = add(runs, name, 0.5)
+    mc = registry.client()
+    mc.create_registered_model(name + registry.LOCK_SUFFIX, tags={"owner": "dead@host", "token": "t", "expires": "1.0"})
+    assert registry.gate(name, v1).applied and holder(name) == v1
+
+
+def test_two_concurrent_gates_end_on_the_better_candidate(runs, name):
+    """Both beat the incumbent; whichever runs first, the second is judged against it, so the
+    better one ends with the alias and the history chain is unbroken."""
+    v0, va, vb = add(runs, name, 0.5), add(runs, name, 0.7), add(runs, name, 0.8)
+    registry.gate(name, v0)
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+
+    def run(v):
+        try:
+            barrier.wait()
+            results[v] = registry.gate(name, v)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in (va, vb)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert holder(name) == vb
+    hist = registry.history(name)
+    assert hist["consistent"], hist["problems"]
+    chain = [(r["version"], r["previous"]) for r in hist["promotions"]]
+    assert chain in ([(v0, None), (va, v0), (vb, va)], [(v0, None), (vb, v0)])
+    assert results[vb].applied and results[va].decision in ("promote", "refuse")
+
+
+def test_two_racing_processes_leave_a_consistent_registry(runs, name, mlflow_server):
+    """Two `tasn promote --force` processes at once: both promote, one after the other."""
+    v1, v2 = add(runs, name, 0.5), add(runs, name, 0.6)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tasn.cli", "promote", "--name", name, "--version", v,
+                          "--force", "--reason", f"race {v}"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for v in (v1, v2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    hist = registry.history(name)
+    assert hist["consistent"], hist["problems"]
+    recs = hist["promotions"]
+    assert sorted(r["version"] for r in recs) == [v1, v2] and [r["seq"] for r in recs] == [1, 2]
+    assert recs[0]["previous"] is None and recs[1]["previous"] == recs[0]["version"]
+    assert holder(name) == recs[1]["version"]
