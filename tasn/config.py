@@ -112,6 +112,8 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     checkpoint_every: int = 0  # steps; 0 = only at epoch ends
     checkpoint_dir: str = ""  # "" = <out>/checkpoints; may be s3://bucket/prefix
+    keep_checkpoints: int = 2  # newest step checkpoints kept; older ones are deleted
+    batchnorm: str = "local"  # local (per process) | sync (SyncBatchNorm, CUDA) | frozen (running stats)
     resume: str = "auto"  # auto | never | a checkpoint path or URI
     max_steps: int = 0  # 0 = no limit (for smoke runs)
     log_every: int = 10
@@ -143,6 +145,7 @@ class TrackingConfig:
     experiment: str = "tasn"
     s3_endpoint: str = ""  # else MLFLOW_S3_ENDPOINT_URL / AWS_ENDPOINT_URL from the environment
     system_metrics: bool = True
+    enabled: bool = True  # false: no MLflow at all (offline runs, mechanical tests)
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""Byte I/O on a local path or an `s3://bucket/key` URI, the same four calls for both.
+
+Checkpoints and pretrained weights may live on a laptop disk or in an object store (AWS, Ceph RGW,
+MinIO); the training loop should not care which. Local writes are atomic (`tasn.io`); an S3 PUT is
+atomic by nature (a reader sees the old object or the new one). The S3 endpoint comes from the
+`endpoint` argument (config `tracking.s3_endpoint`), else `MLFLOW_S3_ENDPOINT_URL` or
+`AWS_ENDPOINT_URL` from the environment, else AWS itself; keys come from the usual boto3 chain
+(environment, profile, instance role), never from config files.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from tasn.errors import ServiceError
+from tasn.io import atomic_write_bytes
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(S3_PREFIX)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
+    rest = str(uri)[len(S3_PREFIX):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+def join(base: str, name: str) -> str:
+    """A child of a local directory or an S3 prefix."""
+    return f"{str(base).rstrip('/')}/{name}" if is_s3(base) else str(Path(base) / name)
+
+
+def resolve_endpoint(endpoint: str | None = None) -> str | None:
+    return endpoint or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint: str | None, _key_id: str | None = None):
+    """One client per endpoint and access key id (so a changed environment is honoured)."""
+    import boto3  # lazy: only S3 users need it
+    from botocore.config import Config
+
+    retries = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.client("s3", endpoint_url=endpoint, config=retries)
+
+
+def _s3_call(uri: str, endpoint: str | None, fn):
+    """Run fn(client, bucket, key); a missing object is FileNotFoundError, any other failure a
+    ServiceError naming the URI and endpoint (never the credentials)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    endpoint = resolve_endpoint(endpoint)
+    try:
+        return fn(_client(endpoint, os.environ.get("AWS_ACCESS_KEY_ID")), bucket, key)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise FileNotFoundError(f"no object at {uri}") from exc
+        raise ServiceError(f"S3 request for {uri} failed at {endpoint or 'AWS'}: {code or exc}") from exc
+    except BotoCoreError as exc:
+        raise ServiceError(f"S3 endpoint {endpoint or 'AWS'} unusable for {uri}: {exc}") from exc
+
+
+def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
+    if is_s3(uri):
+        return _s3_call(uri, endpoint, lambda c, b, k: c.get_object(Bucket=b, Key=k)["Body"].read())
+    path = Path(uri)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {uri}")
+    return path.read_bytes()
+
+
+def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> str:
+    if is_s3(uri):
+        _s3_call(uri, endpoint, lambda c, b, k: c.put_object(Bucket=b, Key=k, Body=data))
+    else:
+        atomic_write_bytes(uri, data)
+    return str(uri)
+
+
+def exists(uri: str, endpoint: str | None = None) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    try:
+        _s3_call(uri, endpoint, lambda c, b, k: c.head_object(Bucket=b, Key=k))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def delete(uri: str, endpoint: str | None = None) -> None:
+    """Remove one file or object; a missing one is not an error."""
+    if is_s3(uri):
+        _s3_call(uri, endpoint, lambda c, b, k: c.delete_object(Bucket=b, Key=k))
+    else:
+        Path(uri).unlink(missing_ok=True)
+
+
+def list_prefix(uri: str, endpoint: str | None = None) -> list[str]:
+    """Files directly in a local directory, or every object under an S3 prefix (as URIs), sorted.
+    A directory or prefix that does not exist lists as empty."""
+    if not is_s3(uri):
+        path = Path(uri)
+        return sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    prefix = split_s3(uri)[1].rstrip("/")
+    prefix = f"{prefix}/" if prefix else ""
+
+    def _list(client, bucket, _key):
+        keys = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+        return sorted(f"{S3_PREFIX}{bucket}/{k}" for k in keys)
+
+    return _s3_call(uri, endpoint, _list)

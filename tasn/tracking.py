@@ -1,0 +1,220 @@
+"""MLflow for a training run: where it goes, a fail-fast connection check, and logging that a
+flaky server cannot kill.
+
+Where: `tracking.uri`, else `MLFLOW_TRACKING_URI`, else a local sqlite store `mlflow.db` with
+artifacts under `mlruns/` in the working directory (so `mlflow ui` in the project shows every run).
+A remote server is checked before training starts, so a wrong URI costs seconds, not an epoch.
+During the run every MLflow call goes through `Run`, which retries with backoff and, if the server
+stays away, logs a warning and carries on: losing a metric point is better than losing a week of
+GPU time. Nothing that looks like a credential is ever sent as a param or tag.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from tasn.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+# Environment variables whose values are credentials: never logged, and redacted wherever seen.
+SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY)", re.IGNORECASE)
+SECRET_KEY_NAME = re.compile(r"(aws_|secret|password|token|credential|access_key)", re.IGNORECASE)
+REDACTED = "***"
+
+
+# -- where ----------------------------------------------------------------------------------
+
+def resolve_uri(cfg) -> str:
+    """config `tracking.uri` > MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def local_artifact_root() -> str:
+    return (Path.cwd() / "mlruns").as_uri()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with the URI named, when an http(s) tracking server does not answer its
+    health endpoint, or a sqlite store's folder cannot be written."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status >= 500:
+                    raise ServiceError(f"MLflow tracking server {uri} answered {resp.status} at {url}")
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500:
+                raise ServiceError(f"MLflow tracking server {uri} answered {exc.code} at {url}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServiceError(
+                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or set "
+                "tracking.uri / MLFLOW_TRACKING_URI to a running server (unset both for a local "
+                "sqlite store), or -S tracking.enabled=false to train without tracking"
+            ) from exc
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise ServiceError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
+
+
+def setup(cfg) -> str:
+    """Point MLflow at the configured store after checking it answers; return the URI."""
+    import mlflow
+
+    uri = resolve_uri(cfg)
+    check_reachable(uri)
+    if cfg.s3_endpoint:
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.s3_endpoint
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str, uri: str) -> str:
+    """The experiment's id, created if needed; a local sqlite store keeps artifacts in ./mlruns."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = local_artifact_root() if uri.startswith("sqlite:") else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+# -- what -----------------------------------------------------------------------------------
+
+def secret_values() -> list[str]:
+    """Values of credential-like environment variables (long enough to be worth matching)."""
+    return [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8 and "://" not in v]
+
+
+def scrub(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Drop credential-named keys' values and redact any secret value found inside a value."""
+    secrets = secret_values()
+    out = {}
+    for key, value in mapping.items():
+        if SECRET_KEY_NAME.search(str(key)):
+            out[key] = REDACTED
+            continue
+        text = str(value)
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
+        out[key] = text if text != str(value) else value
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def data_version(dvc_file: str | Path = "data.dvc") -> str | None:
+    """The md5 DVC recorded for the raw data directory (`outs[0].md5` of data.dvc), if any."""
+    path = Path(dvc_file)
+    if not path.is_file():
+        return None
+    try:
+        outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
+    except yaml.YAMLError:
+        return None
+    return next((str(o["md5"]) for o in outs if isinstance(o, dict) and o.get("md5")), None)
+
+
+def system_metrics_wanted(enabled: bool) -> bool:
+    """MLflow's system metrics need psutil; an explicit MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
+    (as in the tests) wins over the config."""
+    env = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower()
+    return enabled and env not in ("false", "0") and importlib.util.find_spec("psutil") is not None
+
+
+# -- a run that survives a flaky server ------------------------------------------------------
+
+def retry(fn: Callable[[], Any], what: str, attempts: int = 4, delay: float = 2.0) -> Any:
+    """Call fn; on failure wait (2, 4, 8 s...) and try again; after the last failure log a
+    warning and return None instead of raising."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # any client or server error is transient from here
+            if attempt == attempts:
+                log.warning("MLflow: giving up on %s after %d attempts: %s", what, attempts, exc)
+                return None
+            log.info("MLflow: %s failed (%s); retrying in %.0f s", what, exc, delay * 2 ** (attempt - 1))
+            time.sleep(delay * 2 ** (attempt - 1))
+    return None
+
+
+class Run:
+    """The active MLflow run of a training process (rank 0 only), every call retried."""
+
+    def __init__(self, cfg, tags: dict[str, str], run_id: str | None = None, run_name: str | None = None,
+                 retry_delay: float = 2.0):
+        import mlflow
+
+        self.uri = setup(cfg)
+        self.retry_delay = retry_delay
+        self.experiment_id = experiment_id(cfg.experiment, self.uri)
+        system = system_metrics_wanted(cfg.system_metrics)
+        active = None
+        if run_id:
+            try:
+                active = mlflow.start_run(run_id=run_id, log_system_metrics=system)
+                log.info("MLflow: continuing run %s", run_id)
+            except Exception as exc:
+                log.warning("MLflow: cannot continue run %s (%s); starting a new one", run_id, exc)
+        if active is None:
+            active = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, log_system_metrics=system)
+        self.run_id = active.info.run_id
+        self.set_tags(tags)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        return retry(fn, what, delay=self.retry_delay)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        import mlflow
+
+        self._call("log_params", lambda: mlflow.log_params(scrub(params)))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        import mlflow
+
+        clean = {k: v for k, v in scrub(tags).items() if v is not None}
+        self._call("set_tags", lambda: mlflow.set_tags(clean))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        self._call(f"log_metrics at step {step}", lambda: mlflow.log_metrics(metrics, step=step))
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        import mlflow
+
+        self._call(f"log_figure {artifact_file}", lambda: mlflow.log_figure(figure, artifact_file))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        self._call(f"log_artifact {path}", lambda: mlflow.log_artifact(str(path), artifact_path))
+
+    def log_model(self, log_fn: Callable[[], Any]) -> Any:
+        return self._call("log_model", log_fn)
+
+    def end(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        self._call("end_run", lambda: mlflow.end_run(status=status))

@@ -1,0 +1,147 @@
+"""MLflow tracking: where runs go, fail-fast checks, retries, secrets, and a real training run
+logged to a real `mlflow server` whose artifacts live on Ceph RGW."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
+from tasn import tracking
+from tasn.config import TrackingConfig
+from tasn.errors import ServiceError
+
+
+def test_scrub_redacts_credentials_by_name_and_by_value(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
+    out = tracking.scrub({"AWS_ACCESS_KEY_ID": "AKIA123", "train.lr": 0.1,
+                          "note": "endpoint with s3cr3t-value-xyz inside", "db_password": "pw"})
+    assert out["AWS_ACCESS_KEY_ID"] == tracking.REDACTED and out["db_password"] == tracking.REDACTED
+    assert out["train.lr"] == 0.1
+    assert "s3cr3t-value-xyz" not in out["note"] and out["note"].startswith("endpoint with")
+
+
+def test_retry_survives_transient_failures_and_never_raises(caplog):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("server restarting")
+        return "ok"
+
+    assert tracking.retry(flaky, "flaky", attempts=4, delay=0) == "ok" and len(calls) == 3
+    with caplog.at_level(logging.WARNING, logger="tasn.tracking"):
+        assert tracking.retry(lambda: 1 / 0, "always broken", attempts=2, delay=0) is None
+    assert "giving up on always broken" in caplog.text
+
+
+def test_data_version_is_the_md5_dvc_recorded(tmp_path):
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  size: 10\n  nfiles: 2\n  path: raw\n")
+    assert tracking.data_version(tmp_path / "data.dvc") == "0123abcd.dir"
+    assert tracking.data_version(tmp_path / "missing.dvc") is None
+
+
+def test_local_default_is_sqlite_with_artifacts_in_mlruns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.setup(TrackingConfig())
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    import mlflow
+
+    exp = mlflow.get_experiment(tracking.experiment_id("tasn-local", uri))
+    assert exp.artifact_location == (tmp_path / "mlruns").as_uri()
+
+
+def test_unreachable_server_fails_fast_before_training(tmp_path):
+    from tasn.train import train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    cfg = smoke_config(f"tracking.uri=http://127.0.0.1:{port}")
+    out = tmp_path / "out"
+    with pytest.raises(ServiceError, match=f"127.0.0.1:{port} is not reachable"):
+        train(cfg, tmp_path, out)
+    assert not out.exists()  # nothing started, nothing written
+
+
+@pytest.mark.integration
+def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke_data, tmp_path, monkeypatch,  # noqa: F811
+                                                         caplog, capfd):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasn import checkpoint
+    from tasn.predict import Predictor, from_checkpoint, load_predictor
+    from tasn.train import train
+
+    s3 = mlflow_s3_server.s3
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = s3.make_bucket()
+    cfg = smoke_config(f"tracking.uri={mlflow_s3_server.url}", "tracking.system_metrics=false",
+                       "tracking.experiment=tasn-s3-test", "train.max_steps=2", "train.checkpoint_every=1",
+                       f"train.checkpoint_dir=s3://{bucket}/ckpt")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            summary = train(cfg, smoke_data, out)
+        finally:
+            torch.set_num_threads(threads)
+
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["tracking_uri"] == mlflow_s3_server.url and run_info["run_id"] == summary["run_id"]
+    client = MlflowClient(mlflow_s3_server.url)
+    run = client.get_run(run_info["run_id"])
+    assert run.info.status == "FINISHED"
+    # the whole resolved config as params
+    assert set(cfg.flat()) <= set(run.data.params)
+    assert run.data.params["model.kind"] == "tasn" and run.data.params["train.max_steps"] == "2"
+    assert run.data.tags["git.commit"] and "data.version" in run.data.tags
+    # every loss term, lr, throughput, per-head accuracy
+    for name in ("loss", "loss_attention", "loss_part", "loss_master", "loss_part_aux", "loss_master_aux",
+                 "loss_distill", "lr", "images_per_s", "val_loss", "top1",
+                 "attention_top1", "part_top1", "master_top1", "part_aux_top1", "master_aux_top1"):
+        assert name in run.data.metrics, name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    # pictures
+    pictures = [a.path for a in client.list_artifacts(run.info.run_id, "attention")]
+    assert pictures == ["attention/attention_epoch_001.png"]
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art"),
+                                                     tracking_uri=mlflow_s3_server.url))
+    assert (local / "attention" / "attention_epoch_001.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (local / "learning_curves.png").is_file()
+    # the artifacts really are on RGW, and so are the checkpoints
+    objects = [o["Key"] for o in s3.client().list_objects_v2(Bucket=mlflow_s3_server.bucket)["Contents"]]
+    assert any(k.endswith("attention_epoch_001.png") for k in objects)
+    ckpt = checkpoint.latest_checkpoint(f"s3://{bucket}/ckpt")
+    assert ckpt == f"s3://{bucket}/ckpt/ckpt-000000002.pt"
+    local_model, _ = checkpoint.load_model(str(out / "model.pt"))
+    for key, value in checkpoint.load_checkpoint(ckpt)["model"].items():
+        assert torch.equal(value, local_model.state_dict()[key]), key
+    # the logged model loads with mlflow.pytorch and predicts like model.pt does
+    predictor = load_predictor(run_info["model_uri"])
+    assert isinstance(predictor, Predictor)
+    images = sorted((smoke_data.parent / "raw" / "images").rglob("*.jpg"))[:3]
+    got = predictor.predict(images, topk=2)
+    want = from_checkpoint(str(out / "model.pt")).predict(images, topk=2)
+    assert [g["class_name"] for g in got] == [w["class_name"] for w in want]
+    assert [g["prob"] for g in got] == pytest.approx([w["prob"] for w in want], rel=1e-5)
+    assert all(len(g["topk"]) == 2 and g["topk"][0]["prob"] >= g["topk"][1]["prob"] for g in got)
+    assert {g["class_name"] for g in got} <= set(predictor.classes)
+    # the secret key is nowhere: params, tags, artifacts, logs
+    secret = s3.secret_key
+    assert all(secret not in str(v) for v in run.data.params.values())
+    assert all(secret not in str(v) for v in run.data.tags.values())
+    for path in local.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    captured = capfd.readouterr()
+    assert secret not in caplog.text and secret not in captured.out and secret not in captured.err
