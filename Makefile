@@ -35,7 +35,7 @@ system-deps:
 	fi
 
 run: install
-	$(BIN)/python -m tasn.run_demo
+	./scripts/run_pipeline.sh
 
 test: install system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -45,13 +45,14 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _run_local(args: argparse.Namespace) -> int:
     from tasn.cli import config_from_args
+    from tasn.tracking import resolve_uri
 
     from pipelines.runner import run_local
 
     cfg = config_from_args(args)  # checks params, profile and overrides before any task starts
     result = run_local(args.data or cfg.data.raw, args.params, args.profile, args.overrides, args.pipeline_root)
     print(f"pipeline finished in {result['seconds']:.0f} s; task outputs under {result['pipeline_root']}")
-    print("look at the runs and the registry: mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    print(f"look at the runs and the registry: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking)}")
     return 0
 
 

@@ -1,0 +1,374 @@
+"""Multi-node training on Kubernetes: render a Kubeflow Trainer `TrainJob`, create it, follow it.
+
+The pipeline's multi-node train task is a small launcher: it renders a TrainJob of N nodes x G GPUs
+(`render_trainjob`), creates it through the kubernetes client, polls its conditions until
+`Complete` or `Failed` (`follow`; a failure raises with the job's own reason and message), and
+copies the model the job left under `work_uri` back into the task's output.
+
+Each node runs `python -m tasn.launch node`: it fetches the prepared data from S3, runs
+`torchrun -m tasn.cli train` (torchrun reads the `PET_*` rendezvous variables the Trainer sets), and
+node 0 uploads the outputs. Checkpoints go to `<work_uri>/checkpoints` with `train.resume=auto`, so
+a restarted pod, job or pipeline task resumes instead of starting over.
+
+Pinned to Kubeflow Trainer v2.1 (`trainer.kubeflow.org/v1alpha1`): v2.1 calls the pod-level
+overrides `podTemplateOverrides` (v2.0 called them `podSpecOverrides`; v2.2 replaces them with
+`runtimePatches`), so the rendered object is valid for v2.1 only. `kind="PyTorchJob"` renders the
+legacy training-operator v1.8 `PyTorchJob` (`kubeflow.org/v1`, Master + Workers) instead, for
+clusters that have not moved to the Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tasn import storage
+from tasn.errors import ServiceError, TASNError
+
+log = logging.getLogger(__name__)
+
+TRAINER_VERSION = "v2.1.0"
+TRAINING_OPERATOR_VERSION = "v1.8.1"
+GROUP = "trainer.kubeflow.org"
+VERSION = "v1alpha1"
+PLURAL = "trainjobs"
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """Where a job kind lives in the API and which condition means it finished well."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    done: str
+
+
+KINDS = {
+    "TrainJob": JobKind("TrainJob", GROUP, VERSION, PLURAL, "Complete"),
+    "PyTorchJob": JobKind("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", "Succeeded"),
+}
+NODE_JOB = "node"  # the replicated job of the torch runtimes; podTemplateOverrides target it
+PARAMS_ENV = "TASN_PARAMS_YAML"
+# Passed from the launcher's own environment to every node (values, never secrets).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+@dataclass
+class TrainJobSpec:
+    """What the pipeline knows about a multi-node training run."""
+
+    image: str
+    num_nodes: int
+    gpus_per_node: int
+    data_uri: str  # the prepared dataset (s3://...)
+    work_uri: str  # s3:// prefix for checkpoints and the finished model
+    accelerator_type: str = "nvidia.com/gpu"
+    params_yaml: str = ""
+    profile: str = ""
+    overrides: list[str] = field(default_factory=list)
+    runtime: str = "tasn-torch-distributed"  # infra/k8s/base/training-runtime.yaml
+    runtime_kind: str = "TrainingRuntime"  # namespaced: the job goes in the runtime's namespace
+    cpu_per_node: str = "8"
+    memory_per_node: str = "64Gi"
+    service_account: str = "tasn-trainer"
+    s3_secret: str = "tasn-s3-credentials"  # keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
+    kind: str = "TrainJob"  # or PyTorchJob (legacy training-operator)
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise TASNError(f"job kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.num_nodes < 1:
+            raise TASNError(f"num_nodes must be >= 1, got {self.num_nodes}")
+        if self.gpus_per_node < 0:
+            raise TASNError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        for name in ("data_uri", "work_uri"):
+            value = getattr(self, name)
+            if not storage.is_s3(value):
+                raise TASNError(
+                    f"{name} must be an s3:// URI that every node can reach for a multi-node run, got {value!r}"
+                )
+
+
+def job_name(key: str) -> str:
+    """A stable DNS-1035 name from the task's output URI: a retried task finds its own job again."""
+    return "tasn-train-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _env(spec: TrainJobSpec, environ: dict[str, str]) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": PARAMS_ENV, "value": spec.params_yaml}]
+    env += [{"name": k, "value": environ[k]} for k in FORWARDED_ENV if environ.get(k)]
+    env += [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key}}}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    ]
+    return env
+
+
+def node_args(spec: TrainJobSpec) -> list[str]:
+    """The arguments of `python -m tasn.launch node` on every node."""
+    args = ["--data-uri", spec.data_uri, "--work-uri", spec.work_uri]
+    if spec.profile:
+        args += ["--profile", spec.profile]
+    for item in spec.overrides:
+        args += ["-S", item]
+    return args
+
+
+NODE_COMMAND = ["python", "-m", "tasn.launch", "node"]
+LABELS = {"app.kubernetes.io/name": "tasn", "app.kubernetes.io/component": "train",
+          "app.kubernetes.io/managed-by": "tasn-pipeline"}
+
+
+def _resources(spec: TrainJobSpec) -> dict[str, Any]:
+    resources: dict[str, Any] = {
+        "requests": {"cpu": spec.cpu_per_node, "memory": spec.memory_per_node},
+        "limits": {"memory": spec.memory_per_node},
+    }
+    if spec.gpus_per_node:
+        resources["requests"][spec.accelerator_type] = spec.gpus_per_node
+        resources["limits"][spec.accelerator_type] = spec.gpus_per_node
+    return resources
+
+
+def _pod_spec(spec: TrainJobSpec) -> dict[str, Any]:
+    pod_spec: dict[str, Any] = {"serviceAccountName": spec.service_account}
+    if spec.gpus_per_node:
+        pod_spec["tolerations"] = [{"key": spec.accelerator_type, "operator": "Exists", "effect": "NoSchedule"}]
+    return pod_spec
+
+
+def render_job(spec: TrainJobSpec, name: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job object of `spec.kind` for N nodes x G GPUs running `tasn.launch node`."""
+    render = render_trainjob if spec.kind == "TrainJob" else render_pytorchjob
+    return render(spec, name, environ)
+
+
+def render_pytorchjob(spec: TrainJobSpec, name: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The legacy PyTorchJob (training-operator v1.8): one Master and N-1 Workers; with
+    `nprocPerNode` the operator sets the `PET_*` variables torchrun reads, as the Trainer does."""
+    spec.check()
+    environ = dict(os.environ if environ is None else environ)
+    container = {"name": "pytorch", "image": spec.image, "command": NODE_COMMAND, "args": node_args(spec),
+                 "env": _env(spec, environ), "resources": _resources(spec)}
+
+    def replicas(n: int) -> dict[str, Any]:
+        return {"replicas": n, "restartPolicy": "OnFailure",
+                "template": {"metadata": {"labels": dict(LABELS)}, "spec": {**_pod_spec(spec), "containers": [container]}}}
+
+    specs = {"Master": replicas(1)}
+    if spec.num_nodes > 1:
+        specs["Worker"] = replicas(spec.num_nodes - 1)
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name, "labels": dict(LABELS),
+                     "annotations": {"tasn/training-operator-version": TRAINING_OPERATOR_VERSION}},
+        "spec": {
+            "nprocPerNode": str(max(spec.gpus_per_node, 1)),
+            "runPolicy": {"backoffLimit": 3, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": specs,
+        },
+    }
+
+
+def render_trainjob(spec: TrainJobSpec, name: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The TrainJob object (Trainer v2.1) for N nodes x G GPUs running `tasn.launch node`."""
+    spec.check()
+    environ = dict(os.environ if environ is None else environ)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainJob",
+        "metadata": {
+            "name": name,
+            "labels": dict(LABELS),
+            "annotations": {"tasn/trainer-version": TRAINER_VERSION},
+        },
+        "spec": {
+            "runtimeRef": {"name": spec.runtime, "apiGroup": GROUP, "kind": spec.runtime_kind},
+            "trainer": {
+                "image": spec.image,
+                "command": NODE_COMMAND,
+                "args": node_args(spec),
+                "env": _env(spec, environ),
+                "numNodes": spec.num_nodes,
+                "numProcPerNode": max(spec.gpus_per_node, 1),
+                "resourcesPerNode": _resources(spec),
+            },
+            "podTemplateOverrides": [{"targetJobs": [{"name": NODE_JOB}], "spec": _pod_spec(spec)}],
+        },
+    }
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and str(cond.get("status")) == "True":
+            return cond
+    return None
+
+
+def _api_status(exc: Exception) -> int | None:
+    return getattr(exc, "status", None)
+
+
+def create(api, body: dict[str, Any], namespace: str) -> None:
+    """Create the job; one that already exists (a retried task) is adopted, not duplicated."""
+    k = KINDS[body["kind"]]
+    name = body["metadata"]["name"]
+    try:
+        api.create_namespaced_custom_object(k.group, k.version, namespace, k.plural, body)
+        log.info("created %s %s/%s", k.kind, namespace, name)
+    except Exception as exc:
+        if _api_status(exc) == 409:
+            log.info("%s %s/%s exists already (a retry): following it", k.kind, namespace, name)
+            return
+        raise ServiceError(f"could not create {k.kind} {namespace}/{name}: {exc}") from exc
+
+
+def follow(
+    api,
+    name: str,
+    namespace: str,
+    poll_s: float = 15.0,
+    timeout_s: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    max_api_errors: int = 8,
+    kind: str = "TrainJob",
+) -> dict[str, Any]:
+    """Poll the job until it is done (Complete/Succeeded: returned) or Failed (raised with its reason).
+
+    API hiccups (5xx, connection resets) are retried up to `max_api_errors` times in a row; a job
+    that disappears (404) or runs past `timeout_s` is an error naming the job.
+    """
+    k = KINDS[kind]
+    what = f"{k.kind} {namespace}/{name}"
+    start = clock()
+    errors = 0
+    last_state = None
+    while True:
+        try:
+            obj = api.get_namespaced_custom_object(k.group, k.version, namespace, k.plural, name)
+            errors = 0
+        except Exception as exc:
+            if _api_status(exc) == 404:
+                raise ServiceError(f"{what} was deleted while being followed") from exc
+            errors += 1
+            if errors > max_api_errors:
+                raise ServiceError(f"lost the Kubernetes API while following {what}: {exc}") from exc
+            log.warning("reading %s failed (%s); retrying", what, exc)
+            sleep(poll_s)
+            continue
+        failed = _condition(obj, "Failed")
+        if failed:
+            reason = failed.get("reason") or "Failed"
+            message = failed.get("message") or "no message"
+            raise TASNError(f"{what} failed: {reason}: {message}")
+        if _condition(obj, k.done):
+            log.info("%s: %s", what, k.done)
+            return obj
+        state = [c.get("type") for c in (obj.get("status") or {}).get("conditions") or [] if str(c.get("status")) == "True"]
+        if state != last_state:
+            log.info("%s: %s", what, ", ".join(state) or "pending")
+            last_state = state
+        if timeout_s is not None and clock() - start > timeout_s:
+            raise ServiceError(f"{what} did not finish within {timeout_s:.0f} s")
+        sleep(poll_s)
+
+
+def copy_tree(src: str, dest: str) -> int:
+    """Copy every file under a local directory or S3 prefix to another; returns the file count."""
+    src = src.rstrip("/")
+    if storage.is_s3(src):
+        files = storage.list_prefix(src)
+        rels = [f[len(src) + 1:] for f in files]
+    else:
+        files = sorted(str(p) for p in Path(src).rglob("*") if p.is_file())
+        rels = [str(Path(f).relative_to(src)) for f in files]
+    for f, rel in zip(files, rels):
+        storage.write_bytes(storage.join(dest, rel), storage.read_bytes(f))
+    return len(files)
+
+
+def kube_api():
+    """A CustomObjectsApi from the in-cluster service account, else the local kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config()
+        except Exception as exc:  # no kubeconfig, bad context
+            raise ServiceError(f"no Kubernetes API to create the TrainJob on (no in-cluster config, no kubeconfig): {exc}") from exc
+    return client.CustomObjectsApi()
+
+
+def current_namespace() -> str:
+    path = Path(SA_NAMESPACE_FILE)
+    return path.read_text().strip() if path.exists() else "default"
+
+
+def run_trainjob(spec: TrainJobSpec, out_dir: str, namespace: str | None = None, api=None,
+                 poll_s: float = 15.0, timeout_s: float | None = None) -> dict[str, Any]:
+    """Render the job (`spec.kind`), create (or adopt) it, follow it, fetch the model into `out_dir`."""
+    spec.check()
+    api = api or kube_api()
+    namespace = namespace or current_namespace()
+    name = job_name(f"{spec.work_uri}|{out_dir}")
+    create(api, render_job(spec, name), namespace)
+    obj = follow(api, name, namespace, poll_s=poll_s, timeout_s=timeout_s, kind=spec.kind)
+    count = copy_tree(storage.join(spec.work_uri, "out"), out_dir)
+    if not count:
+        raise ServiceError(f"{spec.kind} {namespace}/{name} completed but left nothing under {spec.work_uri}/out")
+    return obj
+
+
+def node_main(argv: list[str] | None = None) -> int:
+    """One node of the TrainJob: fetch data, torchrun the train stage, node 0 uploads the outputs."""
+    parser = argparse.ArgumentParser(prog="python -m tasn.launch node")
+    parser.add_argument("--data-uri", required=True)
+    parser.add_argument("--work-uri", required=True)
+    parser.add_argument("--profile", default="")
+    parser.add_argument("-S", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="tasn-node-"))
+    data, out, params = work / "data", work / "out", work / "params.yaml"
+    params.write_text(os.environ.get(PARAMS_ENV, ""))
+    if not copy_tree(args.data_uri, str(data)):
+        raise TASNError(f"no prepared data under {args.data_uri}")
+    overrides = [*args.overrides, f"train.checkpoint_dir={storage.join(args.work_uri, 'checkpoints')}", "train.resume=auto"]
+    argv_ = [sys.executable, "-m", "torch.distributed.run", "-m", "tasn.cli", "train",
+             "--data", str(data), "--out", str(out), "--params", str(params)]
+    if args.profile:
+        argv_ += ["--profile", args.profile]
+    for item in overrides:
+        argv_ += ["-S", item]
+    code = subprocess.call(argv_)
+    if code:
+        return code
+    if os.environ.get("PET_NODE_RANK", os.environ.get("RANK", "0")) == "0":
+        copy_tree(str(out), storage.join(args.work_uri, "out"))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) < 2 or sys.argv[1] != "node":
+        sys.exit("usage: python -m tasn.launch node --data-uri S3 --work-uri S3 [--profile P] [-S k=v ...]")
+    try:
+        sys.exit(node_main(sys.argv[2:]))
+    except TASNError as exc:
+        print(f"tasn.launch node: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
