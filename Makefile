@@ -50,7 +50,7 @@ bench: install
 
 lint: install
 	$(BIN)/python -m compileall -q tasn components pipelines benchmarks tests
-	-duplicates . 2>/dev/null | head -40
+	-duplicates --repo . --most 20 2>/dev/null
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -220,20 +220,43 @@ def test_uniform_map_is_exactly_a_resize_in_float64(built):
     assert max_diff(got, want) <= 1e-12, seed
 
 
+def image_gradients(images, att, weight, out):
+    """The images' gradient through the reference and through the op, for the same weighted sum
+    of the outputs; neither may send a gradient to the attention."""
+    grads = []
+    for fn in (reference_attention_sample, torch.ops.tasn.attention_sample):
+        x, a = images.clone().requires_grad_(), att.clone().requires_grad_()
+        (fn(x, a, out, 4.0, 5, 2.0) * weight).sum().backward()
+        assert a.grad is None
+        grads.append(x.grad)
+    return grads
+
+
+def eager_and_compiled_gradients(step, images, att, **compile_kwargs):
+    """The images' gradient of `step(images, att)` run eagerly and under torch.compile(fullgraph=True),
+    which fails on any graph break."""
+    compiled = torch.compile(step, fullgraph=True, **compile_kwargs)
+    grads = []
+    for fn in (step, compiled):
+        x = images.clone().requires_grad_()
+        fn(x, att).backward()
+        grads.append(x.grad)
+    return grads
+
+
+def op_gradcheck(x, att, out) -> bool:
+    """Finite differences against the op's backward (x: float64, requires_grad)."""
+    return torch.autograd.gradcheck(lambda t: torch.ops.tasn.attention_sample(t, att, out, 4.0, 5, 1.0), (x,))
+
+
 def test_gradient_reaches_the_images_not_the_attention(built):
     g, seed = fresh_generator()
     images = torch.rand(2, 3, 30, 30, generator=g, dtype=torch.float64)
     att = make_maps("blobs", 2, 6, 6, g).double()
     weight = torch.rand(2, 3, 12, 12, generator=g, dtype=torch.float64)
-    grads = []
-    for fn in (reference_attention_sample, torch.ops.tasn.attention_sample):
-        x, a = images.clone().requires_grad_(), att.clone().requires_grad_()
-        (fn(x, a, 12, 4.0, 5, 2.0) * weight).sum().backward()
-        assert a.grad is None
-        grads.append(x.grad)
-    assert max_diff(grads[0], grads[1]) <= 1e-12, seed
-    x = images[:1, :1, :9, :9].clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: torch.ops.tasn.attention_sample(t, att[:1], 5, 4.0, 5, 1.0), (x,))
+    ref, op = image_gradients(images, att, weight, 12)
+    assert max_diff(ref, op) <= 1e-12, seed
+    assert op_gradcheck(images[:1, :1, :9, :9].clone().requires_grad_(), att[:1], 5)
 
 
 def test_opcheck_on_cpu(built):
@@ -256,13 +279,8 @@ def test_compiles_without_graph_breaks(built):
     def step(x, a):
         return (torch.ops.tasn.attention_sample(x * 2, a, 10, 4.0, 5, 2.0) ** 2).mean()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    grads = []
-    for fn in (step, compiled):
-        x = images.clone().requires_grad_()
-        fn(x, att).backward()
-        grads.append(x.grad)
-    assert max_diff(grads[0], grads[1]) <= 1e-6, seed
+    eager, compiled = eager_and_compiled_gradients(step, images, att, backend="aot_eager")
+    assert max_diff(eager, compiled) <= 1e-6, seed
 
 
 @pytest.mark.parametrize(
@@ -324,15 +342,9 @@ def test_cuda_gradient_and_opcheck(built):
     images = torch.rand(3, 3, 200, 200, generator=g).cuda()
     att = make_maps("blobs", 3, 28, 28, g).cuda()
     weight = torch.rand(3, 3, 96, 96, generator=g).cuda()
-    grads = []
-    for fn in (reference_attention_sample, torch.ops.tasn.attention_sample):
-        x, a = images.clone().requires_grad_(), att.clone().requires_grad_()
-        (fn(x, a, 96, 4.0, 5, 2.0) * weight).sum().backward()
-        assert a.grad is None
-        grads.append(x.grad)
-    assert max_diff(grads[0], grads[1]) <= 1e-4, seed
-    x = images[:1, :2, :20, :20].double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: torch.ops.tasn.attention_sample(t, att[:1], 9, 4.0, 5, 1.0), (x,))
+    ref, op = image_gradients(images, att, weight, 96)
+    assert max_diff(ref, op) <= 1e-4, seed
+    assert op_gradcheck(images[:1, :2, :20, :20].double().requires_grad_(), att[:1], 9)
     small = images[:2, :, :64, :64].requires_grad_()
     coords = torch.ops.tasn.sampler_coordinates(att[:2], 64, 30, 4.0, 5, 2.0)
     torch.library.opcheck(torch.ops.tasn.sampler_coordinates, (att[:2], 64, 30, 4.0, 5, 2.0))
@@ -353,13 +365,8 @@ def test_cuda_compiled_sampler_has_no_graph_breaks(built, monkeypatch):
     def step(x, a):
         return sampler.attention_sample(x, a, 112, power=2.0).square().mean()
 
-    compiled = torch.compile(step, fullgraph=True)
-    grads = []
-    for fn in (step, compiled):
-        x = images.clone().requires_grad_()
-        fn(x, att).backward()
-        grads.append(x.grad)
-    assert max_diff(grads[0], grads[1]) <= 1e-6, seed
+    eager, compiled = eager_and_compiled_gradients(step, images, att)
+    assert max_diff(eager, compiled) <= 1e-6, seed
 
 
 @pytest.mark.gpu
