@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _umask() -> int:
+def _read_umask() -> int:
+    """The process umask. Reading it means setting it, so this runs once, at import, rather than
+    around every write, where another thread could create a file under the temporary 0 mask."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -26,7 +31,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -61,7 +66,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     if old.exists() and not path.exists():  # a previous swap was killed between its renames
         os.replace(old, path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; outputs are meant to be shared
+    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs are meant to be shared
     try:
         yield tmp
     except BaseException:
