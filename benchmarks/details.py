@@ -10,7 +10,7 @@ CUDA (default): the demo config (params.yaml top level: slim ResNet-18 backbones
 112 sampled) with more epochs, 3 seeds each, sized for < 8 minutes on one H100. CPU: the smoke
 profile, 1 epoch, 1 seed: a plumbing check whose accuracies mean nothing.
 
-Runs the real stage functions (synth -> preprocess -> tasn.train.train) with MLflow off, so it needs
+Runs the real stage functions (synth -> preprocess -> tasn.training.train) with MLflow off, so it needs
 the package's data dependencies (numpy, pillow, pandas, pyarrow, pyyaml, tqdm) besides torch, and no
 MLOps stack. `PYTHONPATH=. python benchmarks/details.py [--out FILE]` prints a markdown table.
 """
@@ -31,14 +31,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasn.config import load_config  # noqa: E402
+from tasn.config import load_config
+from tasn.data.preprocess import preprocess
+from tasn.data.synth import generate
+from tasn.training import train
+from tasn.training.outputs import STEPS
 
 
 def prepare(profile: str | None, dest: Path) -> Path:
     """Generate the synthetic raw set and preprocess it; returns the prepared folder."""
-    from tasn.data.preprocess import preprocess
-    from tasn.data.synth import generate
-
     cfg = load_config(ROOT / "params.yaml", profile)
     generate(dest / "raw", cfg.data.synth)
     preprocess(dest / "raw", dest / "prepared", cfg.preprocess)
@@ -46,16 +47,14 @@ def prepare(profile: str | None, dest: Path) -> Path:
 
 
 def run_one(kind: str, seed: int, data: Path, out: Path, profile: str | None, overrides: list[str]) -> dict:
-    from tasn.train import train
-
     cfg = load_config(ROOT / "params.yaml", profile, [
         f"model.kind={kind}", f"train.seed={seed}", "tracking.enabled=false", "train.picture_images=0",
         "train.checkpoint_every=0", "train.resume=never", *overrides,
     ])
     start = time.perf_counter()
-    summary = train(cfg, data, out)
+    summary = train(cfg, data, out).metrics
     wall = time.perf_counter() - start
-    with (out / "steps.csv").open() as fh:
+    with (out / STEPS).open() as fh:
         rates = [float(r["images_per_s"]) for r in csv.DictReader(fh)][1:]  # the first interval warms up
     return {"kind": kind, "seed": seed, "top1": summary["top1"], "wall_s": wall,
             "images_per_s": statistics.median(rates) if rates else float("nan")}

@@ -18,16 +18,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasn.config import load_config
+from tasn.data.dataset import PreparedDataset
+from tasn.data.preprocess import preprocess
+from tasn.data.transforms import train_transform
+from tasn.data.validate import validate
 
 
 def _loader_rate(prepared: Path, input_size: int, workers: int, batches: int, batch_size: int) -> float:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from tasn.data.dataset import PreparedDataset
-    from tasn.data.transforms import train_transform
-
     ds = PreparedDataset(prepared, "train", train_transform(input_size, 0.4, 30.0))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                         persistent_workers=workers > 0, drop_last=True)
@@ -53,20 +56,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args()
 
-    from tasn.config import load_config
-    from tasn.data.preprocess import preprocess
-    from tasn.data.validate import validate
-
     cfg = load_config(args.params)
     cores = len(os.sched_getaffinity(0))
-    results: dict = {"cores": cores, "data": args.data}
+    results: dict[str, object] = {"cores": cores, "data": args.data}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        summary = validate(args.data, Path(tmp) / "validated", cfg.validate)
+        summary = validate(args.data, Path(tmp) / "validated", cfg.validate).summary
         seconds = time.perf_counter() - start
         results["validate_s_per_1000_images"] = round(seconds / summary["images"] * 1000, 2)
         start = time.perf_counter()
-        summary = preprocess(args.data, Path(tmp) / "prepared", cfg.preprocess)
+        summary = preprocess(args.data, Path(tmp) / "prepared", cfg.preprocess).summary
         seconds = time.perf_counter() - start
         results["preprocess_images_per_s"] = round(summary["images"] / seconds, 1)
         results["images"] = summary["images"]

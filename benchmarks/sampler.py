@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tasn.model.sampler import reference_attention_sample  # noqa: E402
+from tasn import ops
+from tasn.io import atomic_write_text
+from tasn.model.sampler import reference_attention_sample
 
 MARKER = "<!-- sampler-results: benchmarks/sampler.py --append inserts below -->"
 
@@ -74,8 +76,6 @@ def copy_bandwidth(nbytes: int = 1 << 30, runs: int = 20) -> float:
 
 
 def bench_cuda(args) -> list[dict]:
-    from tasn import ops
-
     ops.load(required=True)
     bw = copy_bandwidth()
     rows = []
@@ -151,8 +151,6 @@ def table(rows: list[dict], args) -> str:
 
 def append_results(path: Path, text: str) -> None:
     """Insert below the sampler marker of RESULTS.md (or at the end when the marker is missing)."""
-    from tasn.io import atomic_write_text
-
     old = path.read_text() if path.exists() else ""
     new = old.replace(MARKER, MARKER + "\n\n" + text, 1) if MARKER in old else old + "\n" + text
     atomic_write_text(path, new)

@@ -21,6 +21,8 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,24 +30,30 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasn.model import TASN, build_loss  # noqa: E402
-from tasn.model.network import SharedBackbone  # noqa: E402
-from tasn.model.sampler import _resolve_impl  # noqa: E402
-
-GPU = dict(backbone="resnet50", att_backbone="resnet18", att_head_channels=512, input_size=512,
-           att_size=224, out_size=224, batch=96)
-CPU = dict(backbone="resnet18-slim", att_backbone="resnet18-slim", att_head_channels=32, input_size=96,
-           att_size=64, out_size=48, batch=8)
+from tasn.config import LossConfig, ModelConfig
+from tasn.model import TASN, build_loss
+from tasn.model.network import SharedBackbone
+from tasn.model.sampler import _resolve_impl
 
 
-class _Loss:
-    """build_loss wants config sections; the defaults of the authors' run are these."""
+@dataclass(frozen=True)
+class Shape:
+    backbone: str
+    att_backbone: str
+    att_head_channels: int
+    input_size: int
+    att_size: int
+    out_size: int
+    batch: int
 
-    kind = "tasn"
-    temperature, w_attention, w_part, w_master, w_part_aux, w_master_aux, w_distill = 10.0, 1.0, 0.5, 0.5, 0.5, 0.5, 1.0
+
+GPU = Shape(backbone="resnet50", att_backbone="resnet18", att_head_channels=512, input_size=512,
+            att_size=224, out_size=224, batch=96)
+CPU = Shape(backbone="resnet18-slim", att_backbone="resnet18-slim", att_head_channels=32, input_size=96,
+            att_size=64, out_size=48, batch=8)
 
 
-def timed(step, device: torch.device, warmup: int, iters: int) -> float:
+def timed(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
     """Median seconds per call of `step` after `warmup` calls."""
     for _ in range(warmup):
         step()
@@ -60,7 +68,7 @@ def timed(step, device: torch.device, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=None, help="images per step (default: 96 on CUDA, 8 on CPU)")
     ap.add_argument("--warmup", type=int, default=None)
@@ -70,9 +78,8 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    shape = dict(GPU if cuda else CPU)
-    n = args.batch or shape.pop("batch")
-    shape.pop("batch", None)
+    shape = GPU if cuda else CPU
+    n = args.batch or shape.batch
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     iters = args.iters if args.iters is not None else (20 if cuda else 3)
     torch.backends.cudnn.benchmark = True
@@ -81,15 +88,15 @@ def main(argv=None) -> int:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     classes = 200
 
-    model = TASN(classes, backbone=shape["backbone"], att_backbone=shape["att_backbone"],
-                 att_head_channels=shape["att_head_channels"], att_size=shape["att_size"],
-                 out_size=shape["out_size"]).to(device, memory_format=fmt).train()
-    loss_fn = build_loss(_Loss, _Loss)
+    model = TASN(classes, backbone=shape.backbone, att_backbone=shape.att_backbone,
+                 att_head_channels=shape.att_head_channels, att_size=shape.att_size,
+                 out_size=shape.out_size).to(device).to(memory_format=fmt).train()
+    loss_fn = build_loss(ModelConfig(kind="tasn"), LossConfig())  # the authors' loss weights and temperature
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(n, 3, shape["input_size"], shape["input_size"], device=device).to(memory_format=fmt)
+    x = torch.randn(n, 3, shape.input_size, shape.input_size, device=device).to(memory_format=fmt)
     y = torch.randint(classes, (n,), device=device)
-    x_att = torch.randn(n, 3, shape["att_size"], shape["att_size"], device=device).to(memory_format=fmt)
-    x_out = torch.randn(2 * n, 3, shape["out_size"], shape["out_size"], device=device).to(memory_format=fmt)
+    x_att = torch.randn(n, 3, shape.att_size, shape.att_size, device=device).to(memory_format=fmt)
+    x_out = torch.randn(2 * n, 3, shape.out_size, shape.out_size, device=device).to(memory_format=fmt)
     y2 = torch.cat([y, y])
 
     def tasn_step():
@@ -109,7 +116,7 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
 
-    plain = SharedBackbone(shape["backbone"], "none").to(device, memory_format=fmt).train()
+    plain = SharedBackbone(shape.backbone, "none").to(device).to(memory_format=fmt).train()
     head = torch.nn.Linear(plain.features, classes).to(device)
     plain_opt = torch.optim.SGD([*plain.parameters(), *head.parameters()], lr=1e-3, momentum=0.9)
     x_plain = x_out[:n]
@@ -126,13 +133,13 @@ def main(argv=None) -> int:
     t_plain = timed(plain_step, device, warmup, iters)
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     sampler = _resolve_impl("auto", x)
-    config = (f"{shape['backbone']} shared + {shape['att_backbone']} attention, input {shape['input_size']}, "
-              f"att {shape['att_size']}, out {shape['out_size']}, batch {n}, "
+    config = (f"{shape.backbone} shared + {shape.att_backbone} attention, input {shape.input_size}, "
+              f"att {shape.att_size}, out {shape.out_size}, batch {n}, "
               f"{'bf16 autocast, channels-last' if cuda else 'fp32'}, sampler: {sampler}")
     rows = [
         ("TASN train step", n / t_tasn, t_tasn),
         ("backbone bound (att net on n + shared backbone on 2n)", n / t_bound, t_bound),
-        (f"plain {shape['backbone']} train step at {shape['out_size']} (anchor)", n / t_plain, t_plain),
+        (f"plain {shape.backbone} train step at {shape.out_size} (anchor)", n / t_plain, t_plain),
     ]
     lines = [
         f"### Train step — {name}, torch {torch.__version__}",

@@ -19,12 +19,14 @@ def evaluate(
 ):
     """Evaluate the trained model on the test split and log it to the training run."""
     from components.runtime import log_metrics_json, read_confusion, run_tasn
+    from tasn.evaluate import CONFUSION_CSV, METRICS
+    from tasn.training.outputs import MODEL, RUN
 
     run_tasn(
-        ["evaluate", "--data", prepared.path, "--model", f"{model.path}/model.pt",
-         "--out", evaluation.path, "--run-json", f"{model.path}/run.json"],
+        ["evaluate", "--data", prepared.path, "--model", f"{model.path}/{MODEL}",
+         "--out", evaluation.path, "--run-json", f"{model.path}/{RUN}"],
         params_yaml, profile, overrides,
     )
-    log_metrics_json(metrics, f"{evaluation.path}/metrics.json")
-    categories, matrix = read_confusion(f"{evaluation.path}/confusion.csv")
+    log_metrics_json(metrics, f"{evaluation.path}/{METRICS}")
+    categories, matrix = read_confusion(f"{evaluation.path}/{CONFUSION_CSV}")
     confusion.log_confusion_matrix(categories, matrix)

@@ -17,6 +17,7 @@ def preprocess(
 ):
     """Bounding-box-free preprocessing of the raw dataset into the compact training form."""
     from components.runtime import log_metrics_json, run_tasn
+    from tasn.data.preprocess import SUMMARY
 
     run_tasn(["preprocess", "--data", data.path, "--out", prepared.path], params_yaml, profile, overrides)
-    log_metrics_json(summary, f"{prepared.path}/summary.json")
+    log_metrics_json(summary, f"{prepared.path}/{SUMMARY}")

@@ -26,13 +26,16 @@ def register(
     from collections import namedtuple
 
     from components.runtime import read_json, run_tasn
+    from tasn.evaluate import METRICS
+    from tasn.registry import REGISTRATION
+    from tasn.training.outputs import RUN
 
     run_tasn(
-        ["register", "--run-json", f"{model.path}/run.json", "--metrics", f"{evaluation.path}/metrics.json",
+        ["register", "--run-json", f"{model.path}/{RUN}", "--metrics", f"{evaluation.path}/{METRICS}",
          "--out", registration.path],
         params_yaml, profile, overrides,
     )
-    record = read_json(f"{registration.path}/registration.json")
+    record = read_json(f"{registration.path}/{REGISTRATION}")
     return namedtuple("Registered", ["name", "version"])(str(record["name"]), str(record["version"]))
 
 

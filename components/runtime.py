@@ -16,10 +16,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-DEFAULT_PARAMS = "params.yaml"
+from tasn.config import installed_params, write_params
 
 
 def params_path(params_yaml: str) -> str:
@@ -27,13 +28,12 @@ def params_path(params_yaml: str) -> str:
 
     `submit` and `run-local` pass the caller's params.yaml text, so a run uses the knobs the user
     sees and not whatever was baked into the image; an empty string means the image's own file.
+    Profiles come with the image (profiles/ beside its params file) or, under run-local, from the
+    caller's checkout ($TASN_PROFILES): `--profile NAME` finds them beside the written file.
     """
     if not params_yaml:
-        return os.environ.get("TASN_PARAMS", DEFAULT_PARAMS)
-    fd, path = tempfile.mkstemp(prefix="tasn-params-", suffix=".yaml")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(params_yaml)
-    return path
+        return str(installed_params())
+    return str(write_params(params_yaml, Path(tempfile.mkdtemp(prefix="tasn-params-"))))
 
 
 def tasn_argv(
@@ -85,7 +85,7 @@ def numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def log_metrics_json(artifact, path: str | os.PathLike) -> dict[str, float]:
+def log_metrics_json(artifact: Any, path: str | os.PathLike[str]) -> dict[str, float]:
     """Log every numeric value of a stage's metrics/summary JSON to a KFP Metrics artifact."""
     values = numeric_leaves(json.loads(Path(path).read_text()))
     for name, value in sorted(values.items()):
@@ -93,7 +93,7 @@ def log_metrics_json(artifact, path: str | os.PathLike) -> dict[str, float]:
     return values
 
 
-def read_confusion(path: str | os.PathLike) -> tuple[list[str], list[list[int]]]:
+def read_confusion(path: str | os.PathLike[str]) -> tuple[list[str], list[list[int]]]:
     """Categories and counts from `confusion.csv` (columns `actual,predicted`, one row a sample).
 
     That long form is what DVC's confusion template reads; KFP wants the square matrix.
@@ -108,8 +108,9 @@ def read_confusion(path: str | os.PathLike) -> tuple[list[str], list[list[int]]]
     return categories, matrix
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    return data
 
 
 # GPU counts `set_accelerator_limit` and the device plugins accept per task.

@@ -52,13 +52,13 @@ def train(
     Multi-node checkpoints go under `work_uri` (S3), so a retried task or restarted job resumes.
     """
     from components.runtime import log_metrics_json, run_tasn, torchrun_launcher
+    from tasn.launch import TrainJobSpec, run_trainjob
+    from tasn.training.outputs import METRICS
 
     if num_nodes == 1:
         launcher = torchrun_launcher(gpus_per_node) if gpus_per_node > 1 else ()
         run_tasn(["train", "--data", prepared.path, "--out", model.path], params_yaml, profile, overrides, launcher)
     else:
-        from tasn.launch import TrainJobSpec, run_trainjob
-
         spec = TrainJobSpec(
             image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
             accelerator_type=accelerator_type, data_uri=prepared.uri, work_uri=work_uri,
@@ -66,4 +66,4 @@ def train(
             kind=job_kind,
         )
         run_trainjob(spec, out_dir=model.path, namespace=namespace or None)
-    log_metrics_json(metrics, f"{model.path}/metrics.json")
+    log_metrics_json(metrics, f"{model.path}/{METRICS}")

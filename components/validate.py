@@ -20,7 +20,8 @@ def validate(
     import shutil
 
     from components.runtime import log_metrics_json, run_tasn
+    from tasn.data.validate import REPORT, SUMMARY
 
     run_tasn(["validate", "--data", data.path, "--report-dir", validated.path], params_yaml, profile, overrides)
-    shutil.copyfile(f"{validated.path}/report.html", report.path)
-    log_metrics_json(summary, f"{validated.path}/summary.json")
+    shutil.copyfile(f"{validated.path}/{REPORT}", report.path)
+    log_metrics_json(summary, f"{validated.path}/{SUMMARY}")

@@ -1,19 +1,28 @@
 """Compile the TASN pipeline, run it on this machine with kfp.local, or submit it to Kubeflow.
 
 `tasn pipeline compile | run-local | submit` call these. Runs get the caller's params.yaml text as
-a pipeline argument, so a cluster run uses the knobs the user sees, not the image's copy.
+a pipeline argument, so a cluster run uses the knobs the user sees, not the image's copy; a profile
+is passed by name and read from the profiles that ship with the image (under run-local: the
+caller's, beside its params file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kfp
+from kfp import compiler, local
+
+from pipelines.tasn_pipeline import build_pipeline, tasn_pipeline
+from tasn.config import PROFILES_DIR, PROFILES_ENV
 from tasn.errors import ServiceError, TASNError
 from tasn.io import atomic_write_text
 
@@ -23,21 +32,17 @@ COMPILED = PROJECT_ROOT / "pipelines" / "tasn_pipeline.yaml"
 
 def compile_to_text() -> str:
     """The pipeline's IR YAML (deterministic: no timestamps, so it can be committed and diffed)."""
-    from kfp import compiler
-
-    from pipelines.tasn_pipeline import tasn_pipeline
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tasn_pipeline.yaml"
         compiler.Compiler().compile(tasn_pipeline, str(path))
         return path.read_text()
 
 
-def compile_pipeline(output: str | os.PathLike = COMPILED) -> Path:
+def compile_pipeline(output: str | os.PathLike[str] = COMPILED) -> Path:
     return atomic_write_text(output, compile_to_text())
 
 
-def _arguments(data_uri: str, params: str | os.PathLike | None, profile: str | None,
+def _arguments(data_uri: str, params: str | os.PathLike[str] | None, profile: str | None,
                overrides: list[str] | None, **extra: Any) -> dict[str, Any]:
     params_yaml = ""
     if params:
@@ -51,19 +56,30 @@ def _arguments(data_uri: str, params: str | os.PathLike | None, profile: str | N
     return args
 
 
-def run_local(data: str | os.PathLike, params: str | os.PathLike | None = "params.yaml",
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block (the local tasks inherit them), then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def run_local(data: str | os.PathLike[str], params: str | os.PathLike[str] | None = "params.yaml",
               profile: str | None = None, overrides: list[str] | None = None,
-              pipeline_root: str | os.PathLike = "outputs/kfp-local") -> dict[str, Any]:
+              pipeline_root: str | os.PathLike[str] = "outputs/kfp-local") -> dict[str, Any]:
     """Run the whole DAG here: kfp.local's SubprocessRunner in this interpreter (no venv, no Docker).
 
     Every task runs `python -m tasn.cli <stage>` with this project on PYTHONPATH; MLflow is whatever
     the stages resolve from the config and the environment (by default `mlflow.db` in the current
     directory), so the promoted model shows up in the same `mlflow ui` as `dvc repro`'s.
     """
-    from kfp import local
-
-    from pipelines.tasn_pipeline import build_pipeline
-
     data = Path(data).resolve()
     if not (data / "images.txt").is_file():
         raise TASNError(
@@ -74,12 +90,13 @@ def run_local(data: str | os.PathLike, params: str | os.PathLike | None = "param
     root.mkdir(parents=True, exist_ok=True)
     arguments = _arguments(str(data), params, profile, overrides)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    saved = os.environ.get("PYTHONPATH")
-    # tasks import `components.runtime` and run `python -m tasn.cli`: this checkout, after the user's path
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (saved, str(PROJECT_ROOT)) if p)
+    # tasks import `components.runtime` and run `python -m tasn.cli`: this checkout, after the user's
+    # path; a profile name resolves in the caller's profiles folder
+    python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(PROJECT_ROOT)) if p)
+    profiles = (Path(params).resolve().parent if params else Path.cwd()) / PROFILES_DIR
     start = time.monotonic()
     try:
-        with warnings.catch_warnings():
+        with _environment(PYTHONPATH=python_path, **{PROFILES_ENV: str(profiles)}), warnings.catch_warnings():
             # expected under kfp.local, so said once in docs/pipeline.md rather than per task:
             # resource requests and the image are cluster settings the local runner ignores
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
@@ -87,23 +104,14 @@ def run_local(data: str | os.PathLike, params: str | os.PathLike | None = "param
             build_pipeline(retries=0)(**arguments)
     except RuntimeError as exc:  # kfp.local: "Pipeline 'tasn' finished with status FAILURE ..."
         raise TASNError(f"the local pipeline run failed: {_plain(exc)} (task logs above; outputs under {root})") from exc
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
     return {"pipeline_root": str(root), "seconds": time.monotonic() - start}
 
 
 def submit(host: str | None, token: str | None, data_uri: str, experiment: str = "tasn",
-           run_name: str | None = None, params: str | os.PathLike | None = "params.yaml",
+           run_name: str | None = None, params: str | os.PathLike[str] | None = "params.yaml",
            profile: str | None = None, overrides: list[str] | None = None,
            namespace: str | None = None, **pipeline_args: Any) -> dict[str, str]:
     """Send the pipeline to a Kubeflow Pipelines endpoint; returns the run id and its URL."""
-    import kfp
-
-    from pipelines.tasn_pipeline import tasn_pipeline
-
     host = host or os.environ.get("KFP_HOST")
     token = token or os.environ.get("KFP_TOKEN")
     if not host:

@@ -2,7 +2,7 @@
 
 Everything is real and local: a `mlflow server --workers 1` on loopback (sqlite store in a temporary
 folder), the embedded synthetic sample at the `smoke` size, one short TASN and one baseline
-training run (`tasn.train.train`), each evaluated on the test split (`tasn.evaluate.evaluate`,
+training run (`tasn.training.train`), each evaluated on the test split (`tasn.evaluate.evaluate`,
 which logs the `test_*` metrics to its run), then headless Chromium opens the MLflow
 compare-runs page, shows only the parameters that differ, and saves a screenshot. Needs Debian's
 `chromium`.
@@ -14,6 +14,7 @@ compare-runs page, shows only the parameters that differ, and saves a screenshot
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -28,6 +29,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import mlflow
+import websocket
+
+from tasn.config import load_config
+from tasn.data.preprocess import preprocess
+from tasn.data.synth import generate
+from tasn.evaluate import evaluate
+from tasn.io import atomic_write_bytes
+from tasn.training import train
+from tasn.training.outputs import MODEL
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -74,18 +86,14 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def train_and_evaluate(kind: str, data: Path, work: Path, url: str, epochs: int) -> str:
     """One short training run of `kind`, evaluated and logged; returns the run id."""
-    from tasn.config import load_config
-    from tasn.evaluate import evaluate
-    from tasn.train import train
-
     cfg = load_config(ROOT / "params.yaml", "smoke", [
         f"model.kind={kind}", f"train.epochs={epochs}", f"tracking.uri={url}", "tracking.experiment=tasn-vs-baseline",
         "tracking.system_metrics=false", "evaluate.timing_batches=2",
     ])
     out = work / kind
-    summary = train(cfg, data, out / "train")
-    run_id = summary["run_id"]
-    evaluate(cfg, data, str(out / "train" / "model.pt"), out / "evaluate", run_id=run_id)
+    run_id = train(cfg, data, out / "train").run.run_id
+    assert run_id is not None
+    evaluate(cfg, data, str(out / "train" / MODEL), out / "evaluate", run_id=run_id)
     return run_id
 
 
@@ -105,10 +113,6 @@ BOTTOM_JS = """(() => { const m = Array.from(document.querySelectorAll('*')).fil
 def screenshot(url: str, out: Path, width: int, wait_s: float) -> None:
     """Headless Chromium driven over the DevTools protocol (websocket-client, a kfp dependency):
     load the compare page, tidy it, capture from the top to the Artifacts section."""
-    import base64
-
-    import websocket
-
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         raise SystemExit("chromium not found: apt-get install chromium")
@@ -157,8 +161,6 @@ def screenshot(url: str, out: Path, width: int, wait_s: float) -> None:
             bottom = js(BOTTOM_JS) or 1400
             shot = call("Page.captureScreenshot", format="png",
                         clip={"x": 0, "y": 0, "width": width, "height": int(bottom) - 20, "scale": 1})
-            from tasn.io import atomic_write_bytes
-
             atomic_write_bytes(out, base64.b64decode(shot["data"]))
             ws.close()
         finally:
@@ -182,17 +184,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     proc, url = start_server(work)
     try:
-        from tasn.config import load_config
-        from tasn.data.preprocess import preprocess
-        from tasn.data.synth import generate
-
         cfg = load_config(ROOT / "params.yaml", "smoke")
         cfg.preprocess.workers = 1
         generate(work / "raw", cfg.data.synth, workers=1)
         preprocess(work / "raw", work / "prepared", cfg.preprocess)
         runs = [train_and_evaluate(kind, work / "prepared", work, url, args.epochs) for kind in ("tasn", "baseline")]
-        import mlflow
-
         exp = mlflow.MlflowClient(url).get_run(runs[0]).info.experiment_id
         page = f"{url}/#/compare-runs?runs={json.dumps(runs)}&experiments={json.dumps([exp])}"
         print("comparing", page)

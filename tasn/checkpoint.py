@@ -15,11 +15,16 @@ import io
 import logging
 import random
 import re
+from typing import Any
 
 import numpy as np
 import torch
 
 from tasn import storage
+from tasn.config import ModelConfig
+from tasn.errors import TASNError
+from tasn.model import build_model
+from tasn.model.network import Network
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +35,13 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:09d}.pt"
 
 
-def to_bytes(obj) -> bytes:
+def to_bytes(obj: object) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def from_bytes(data: bytes, where: str):
+def from_bytes(data: bytes, where: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: name it
@@ -45,7 +50,7 @@ def from_bytes(data: bytes, where: str):
 
 # -- random states ---------------------------------------------------------------------------
 
-def rng_state() -> dict:
+def rng_state() -> dict[str, Any]:
     """Python, numpy, torch and CUDA generator states as tensors and plain containers."""
     np_state = np.random.get_state(legacy=False)
     np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
@@ -57,7 +62,7 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np_state = dict(state["numpy"])
     np_state["state"] = dict(np_state["state"], key=np_state["state"]["key"].numpy().astype(np.uint32))
@@ -69,7 +74,7 @@ def set_rng_state(state: dict) -> None:
 
 # -- training checkpoints --------------------------------------------------------------------
 
-def save_checkpoint(state: dict, directory: str, step: int, keep: int = 2, endpoint: str | None = None) -> str:
+def save_checkpoint(state: dict[str, Any], directory: str, step: int, keep: int = 2, endpoint: str | None = None) -> str:
     """Write `state` as `<directory>/ckpt-<step>.pt` and delete all but the `keep` newest."""
     uri = storage.join(directory, checkpoint_name(step))
     storage.write_bytes(uri, to_bytes(state), endpoint=endpoint)
@@ -90,7 +95,19 @@ def latest_checkpoint(directory: str, endpoint: str | None = None) -> str | None
     return found[-1] if found else None
 
 
-def load_checkpoint(uri: str, endpoint: str | None = None) -> dict:
+def resume_source(resume: str, directory: str, endpoint: str | None = None) -> str | None:
+    """The checkpoint a run continues from: `never` -> None, `auto` -> the newest in `directory`
+    (None when there is none), else `resume` itself, which must exist."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(directory, endpoint)
+    if not storage.exists(resume, endpoint):
+        raise TASNError(f"--resume {resume}: no checkpoint there")
+    return resume
+
+
+def load_checkpoint(uri: str, endpoint: str | None = None) -> dict[str, Any]:
     state = from_bytes(storage.read_bytes(uri, endpoint=endpoint), uri)
     missing = {"model", "optimizer", "epoch", "step"} - set(state if isinstance(state, dict) else ())
     if missing:
@@ -100,7 +117,7 @@ def load_checkpoint(uri: str, endpoint: str | None = None) -> dict:
 
 # -- the final model -------------------------------------------------------------------------
 
-def model_payload(model: torch.nn.Module, config: dict, classes: list[str], **extra) -> dict:
+def model_payload(model: torch.nn.Module, config: dict[str, Any], classes: list[str], **extra: Any) -> dict[str, Any]:
     """The `model.pt` contract of docs/stages.md: weights, the resolved config, class names, kind."""
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -111,16 +128,14 @@ def model_payload(model: torch.nn.Module, config: dict, classes: list[str], **ex
     }
 
 
-def save_model(uri: str, model: torch.nn.Module, config: dict, classes: list[str], endpoint: str | None = None, **extra) -> str:
+def save_model(uri: str, model: torch.nn.Module, config: dict[str, Any], classes: list[str],
+               endpoint: str | None = None, **extra: Any) -> str:
     return storage.write_bytes(uri, to_bytes(model_payload(model, config, classes, **extra)), endpoint=endpoint)
 
 
-def load_model(path_or_uri: str, endpoint: str | None = None) -> tuple[torch.nn.Module, dict]:
+def load_model(path_or_uri: str, endpoint: str | None = None) -> tuple[Network, dict[str, Any]]:
     """Rebuild the network from a `model.pt` (or a training checkpoint, which carries the same
     keys) and return (model in eval mode, meta); meta is the payload without the weights."""
-    from tasn.config import ModelConfig
-    from tasn.model import build_model
-
     payload = from_bytes(storage.read_bytes(path_or_uri, endpoint=endpoint), path_or_uri)
     if not isinstance(payload, dict) or not {"model", "config", "classes"} <= set(payload):
         raise ValueError(f"{path_or_uri} is not a TASN model file (needs model, config, classes)")

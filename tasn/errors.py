@@ -15,3 +15,11 @@ class DataError(TASNError):
 
 class ServiceError(TASNError):
     """A server (MLflow, S3, Kubeflow) could not be reached or refused the request."""
+
+
+class ConfigError(TASNError, ValueError):
+    """A configuration value, key or file is wrong; the message names it (and the file and line)."""
+
+
+class RegistryError(TASNError):
+    """A registry request names something that is not there or not allowed (version, alias, tag)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,35 +27,55 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from tasn import tracking, viz
+from tasn.checkpoint import load_model
+from tasn.config import Config, check
+from tasn.data.dataset import PreparedDataset
+from tasn.data.transforms import eval_transform
 from tasn.errors import DataError, ServiceError, TASNError
+from tasn.io import atomic_dir, atomic_write_json, atomic_write_text
+from tasn.model.network import Network
+from tasn.predict import Predictor, load_predictor
+from tasn.registry.versions import client
 
 log = logging.getLogger(__name__)
 
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+METRICS = "metrics.json"  # flat numbers (DVC metrics:)
+PER_CLASS = "per_class.csv"  # support, correct and accuracy per class (DVC plots:)
+CONFUSION_CSV = "confusion.csv"  # one row per test image: actual, predicted (DVC's confusion template)
+CONFUSION_PNG = "confusion.png"
+RUN_ARTIFACTS = "evaluate"  # the folder the files go to in the MLflow run
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    out_dir: Path
+    metrics: dict[str, float]  # what metrics.json holds
+    run_id: str | None  # the MLflow run the results were logged to
 
 
 @dataclass
 class Loaded:
     """A model ready to evaluate, whatever it was loaded from."""
 
-    predictor: torch.nn.Module  # tasn.predict.Predictor: .model, .classes, .input_size
+    predictor: Predictor
     temperature: float  # the distillation temperature it was trained with
     run_id: str | None  # the MLflow run that produced it, when known
 
 
-def load(model: str, cfg) -> Loaded:
+def load(model: str, cfg: Config) -> Loaded:
     """A `model.pt` path (local or s3://) or an MLflow model URI -> Loaded; clear errors."""
-    from tasn.predict import Predictor, load_predictor
-
-    if model.startswith(MLFLOW_SCHEMES):
+    if tracking.is_mlflow_uri(model):
         try:
             predictor = load_predictor(model)
         except Exception as exc:  # MLflow raises several types for a wrong URI
             raise TASNError(f"--model {model}: cannot load the model from MLflow ({exc})") from exc
         return Loaded(predictor, cfg.loss.temperature, _source_run(model))
-    from tasn.checkpoint import load_model
-
     if "://" not in model and not Path(model).is_file():
         raise DataError(f"--model {model}: no such checkpoint file (run `tasn train` first)")
     try:
@@ -68,8 +89,6 @@ def load(model: str, cfg) -> Loaded:
 
 def _source_run(uri: str) -> str | None:
     """The run that logged a models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/... model."""
-    from tasn.registry import client
-
     if uri.startswith("runs:/"):
         return uri[len("runs:/"):].split("/", 1)[0]
     ref = uri[len("models:/"):] if uri.startswith("models:/") else ""
@@ -85,11 +104,8 @@ def _source_run(uri: str) -> str | None:
     return None
 
 
-def load_test_split(data_dir, predictor):
+def load_test_split(data_dir: str | os.PathLike[str], predictor: Predictor) -> PreparedDataset:
     """The prepared test split with the evaluation crop; checks it is there and matches the model."""
-    from tasn.data.dataset import PreparedDataset
-    from tasn.data.transforms import eval_transform
-
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: no such directory (run `tasn preprocess` first)")
@@ -106,11 +122,9 @@ def load_test_split(data_dir, predictor):
 
 
 @torch.inference_mode()
-def collect_logits(net, ds, batch_size: int, workers: int, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def collect_logits(net: Network, ds: PreparedDataset, batch_size: int, workers: int,
+                   device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every head's logits (float32, CPU) over `ds`, and the labels."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     heads: dict[str, list[torch.Tensor]] = {h: [] for h in net.heads}
     labels = []
@@ -150,7 +164,7 @@ def distillation_gap(part: torch.Tensor, master: torch.Tensor, temperature: floa
 
 
 @torch.inference_mode()
-def time_forward(predictor, batch_size: int, batches: int, device: torch.device) -> dict[str, float]:
+def time_forward(predictor: Predictor, batch_size: int, batches: int, device: torch.device) -> dict[str, float]:
     """Images/s at `batch_size` and single-image latency (median, p90) of the Predictor's forward,
     on random input after one warm-up call each."""
     size = predictor.input_size
@@ -158,7 +172,7 @@ def time_forward(predictor, batch_size: int, batches: int, device: torch.device)
     one = x[:1]
     runs = max(1, batches)
 
-    def clock(inp) -> float:
+    def clock(inp: torch.Tensor) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -215,65 +229,31 @@ def confusion_csv(pred: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
     return buf.getvalue()
 
 
-def confusion_figure(conf: torch.Tensor, classes: list[str], title: str):
-    """Row-normalised confusion matrix, class names on both axes, counts written in when few."""
-    from tasn import viz  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    font = max(3.0, min(9.0, 360.0 / max(n, 1)))
-    labels_in = 0.6 * font / 72 * max(len(c) for c in classes)  # room the tick labels take
-    side = min(30.0, 0.3 * n + labels_in + 3.0)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side), layout="constrained")
-    rows = conf.double() / conf.sum(dim=1, keepdim=True).clamp_min(1)
-    im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), classes, fontsize=font)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if conf[i, j]:
-                    ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=font,
-                            color="white" if rows[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the actual class")
-    return fig
-
-
 def log_to_run(run_id: str, metrics: dict[str, float], out_dir: Path, tags: dict[str, str]) -> None:
-    from mlflow.entities import Metric, RunTag
-
-    from tasn.registry import client
-
     mc = client()
     now = int(time.time() * 1000)
     mc.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), now, 0) for k, v in metrics.items()],
                  tags=[RunTag(k, v) for k, v in tags.items()])
-    mc.log_artifacts(run_id, str(out_dir), "evaluate")
+    mc.log_artifacts(run_id, str(out_dir), RUN_ARTIFACTS)
 
 
 def check_run(run_id: str) -> None:
     """Fail before any work when the run to log to is not there."""
-    from mlflow.exceptions import MlflowException
-
-    from tasn.registry import client
-
     try:
         client().get_run(run_id)
     except MlflowException as exc:
         raise ServiceError(f"MLflow run {run_id} not found ({exc.message}); check --run-id / --run-json") from exc
 
 
-def evaluate(cfg, data_dir, model: str, out_dir, run_id: str | None = None) -> dict:
-    """Evaluate `model` on the test split of `data_dir`; write the outputs to `out_dir` (replaced
-    whole, atomically) and log them to `run_id` (default: the run that logged an MLflow model).
-    Returns the metrics."""
-    from tasn import viz
-    from tasn.io import atomic_dir, atomic_write_json, atomic_write_text
-
+def evaluate(cfg: Config, data_dir: str | os.PathLike[str], model: str, out_dir: str | os.PathLike[str],
+             run_id: str | None = None) -> EvaluateResult:
+    """Evaluate `model` (a model.pt path or URI, or an MLflow model URI) on the test split of
+    `data_dir`; write the outputs to `out_dir` (replaced whole, atomically) and log them to `run_id`
+    (default: the run that logged an MLflow model)."""
+    check(cfg)
     e = cfg.evaluate
+    if run_id or tracking.is_mlflow_uri(model):
+        tracking.setup(cfg.tracking)
     loaded = load(model, cfg)
     predictor = loaded.predictor
     run_id = run_id or loaded.run_id
@@ -291,14 +271,16 @@ def evaluate(cfg, data_dir, model: str, out_dir, run_id: str | None = None) -> d
     classes = list(ds.classes)
     conf = confusion_matrix(pred, labels, len(classes))
     title = f"{type(net).__name__} ({primary})\ntop-1 {metrics['top1']:.1%} on {len(labels)} test images"
-    with atomic_dir(out_dir) as tmp:
-        atomic_write_json(tmp / "metrics.json", metrics)
-        atomic_write_text(tmp / "per_class.csv", per_class_csv(conf, classes))
-        atomic_write_text(tmp / "confusion.csv", confusion_csv(pred, labels, classes))
-        viz.save_figure(confusion_figure(conf, classes, title), tmp / "confusion.png")
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / METRICS, metrics)
+        atomic_write_text(tmp / PER_CLASS, per_class_csv(conf, classes))
+        atomic_write_text(tmp / CONFUSION_CSV, confusion_csv(pred, labels, classes))
+        viz.save_figure(viz.confusion_figure(conf, classes, title), tmp / CONFUSION_PNG)
     if run_id:
         tags = {"evaluate.model": model, "evaluate.device": str(device), "evaluate.primary_head": primary}
-        log_to_run(run_id, metrics, Path(out_dir), tags)
+        log_to_run(run_id, metrics, out, tags)
         log.info("logged %d test metrics and the evaluation files to run %s", len(metrics), run_id)
-    log.info("%s: top-1 %.4f (%s), top-5 %.4f on %d images", model, metrics["top1"], primary, metrics["top5"], len(labels))
-    return metrics
+    log.info("%s: top-1 %.4f (%s), top-5 %.4f on %d images", model, metrics["top1"], primary, metrics["top5"],
+             len(labels))
+    return EvaluateResult(out, metrics, run_id)

@@ -1,4 +1,5 @@
-"""Atomic writes: a killed stage leaves either the old output or the new one, never half of one."""
+"""Stage files: atomic writes (a killed stage leaves either the old output or the new one, never
+half of one), and reading a JSON object another stage wrote, with errors that name the file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
+
+from tasn.errors import TASNError
 
 
 def _read_umask() -> int:
@@ -78,3 +82,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """The JSON object in `path`; `what` names it in errors (e.g. "--run-json")."""
+    p = Path(path)
+    if not p.is_file():
+        raise TASNError(f"{what} {p}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise TASNError(f"{what} {p}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise TASNError(f"{what} {p}: expected a JSON object")
+    return data

@@ -29,10 +29,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
 
 from tasn import storage
+from tasn.config import installed_params, write_params
 from tasn.errors import ServiceError, TASNError
+from tasn.training.outputs import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ PARAMS_ENV = "TASN_PARAMS_YAML"
 # Passed from the launcher's own environment to every node (values, never secrets).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+WORK_OUT = "out"  # node 0's outputs under work_uri (the job's checkpoints: <work_uri>/checkpoints)
 
 
 @dataclass
@@ -301,18 +308,16 @@ def copy_tree(src: str, dest: str) -> int:
     return len(files)
 
 
-def kube_api():
+def kube_api() -> k8s_client.CustomObjectsApi:
     """A CustomObjectsApi from the in-cluster service account, else the local kubeconfig."""
-    from kubernetes import client, config
-
     try:
-        config.load_incluster_config()
-    except config.ConfigException:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
         try:
-            config.load_kube_config()
+            k8s_config.load_kube_config()
         except Exception as exc:  # no kubeconfig, bad context
             raise ServiceError(f"no Kubernetes API to create the TrainJob on (no in-cluster config, no kubeconfig): {exc}") from exc
-    return client.CustomObjectsApi()
+    return k8s_client.CustomObjectsApi()
 
 
 def current_namespace() -> str:
@@ -329,9 +334,10 @@ def run_trainjob(spec: TrainJobSpec, out_dir: str, namespace: str | None = None,
     name = job_name(f"{spec.work_uri}|{out_dir}")
     create(api, render_job(spec, name), namespace)
     obj = follow(api, name, namespace, poll_s=poll_s, timeout_s=timeout_s, kind=spec.kind)
-    count = copy_tree(storage.join(spec.work_uri, "out"), out_dir)
+    count = copy_tree(storage.join(spec.work_uri, WORK_OUT), out_dir)
     if not count:
-        raise ServiceError(f"{spec.kind} {namespace}/{name} completed but left nothing under {spec.work_uri}/out")
+        raise ServiceError(f"{spec.kind} {namespace}/{name} completed but left nothing under "
+                           f"{storage.join(spec.work_uri, WORK_OUT)}")
     return obj
 
 
@@ -344,11 +350,13 @@ def node_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-S", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tasn-node-"))
-    data, out, params = work / "data", work / "out", work / "params.yaml"
-    params.write_text(os.environ.get(PARAMS_ENV, ""))
+    data, out = work / "data", work / "out"
+    text = os.environ.get(PARAMS_ENV, "")
+    params = write_params(text, work) if text else installed_params()
     if not copy_tree(args.data_uri, str(data)):
         raise TASNError(f"no prepared data under {args.data_uri}")
-    overrides = [*args.overrides, f"train.checkpoint_dir={storage.join(args.work_uri, 'checkpoints')}", "train.resume=auto"]
+    overrides = [*args.overrides, f"train.checkpoint_dir={storage.join(args.work_uri, CHECKPOINTS)}",
+                 "train.resume=auto"]
     argv_ = [sys.executable, "-m", "torch.distributed.run", "-m", "tasn.cli", "train",
              "--data", str(data), "--out", str(out), "--params", str(params)]
     if args.profile:
@@ -359,7 +367,7 @@ def node_main(argv: list[str] | None = None) -> int:
     if code:
         return code
     if os.environ.get("PET_NODE_RANK", os.environ.get("RANK", "0")) == "0":
-        copy_tree(str(out), storage.join(args.work_uri, "out"))
+        copy_tree(str(out), storage.join(args.work_uri, WORK_OUT))
     return 0
 
 

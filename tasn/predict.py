@@ -9,25 +9,39 @@ It is logged to MLflow with pickle serialization: the default `pt2` format expor
 traced graph and loads back as a bare GraphModule, which would lose `predict` and the class
 names. MLflow 3.17 refuses to unpickle unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true (the model
 is code: load only models from a tracking server you trust); `load_predictor` sets it for the one
-call.
+call. mlflow is imported inside the two functions that talk to it, so the training stage (which
+builds a Predictor to log) imports without the MLOps stack.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torchvision
+from PIL import Image
+
+from tasn import tracking
+from tasn.checkpoint import load_model
+from tasn.config import TrackingConfig
+from tasn.data.transforms import eval_transform
+from tasn.errors import DataError, TASNError
+from tasn.model.network import Network
 
 PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+ImageInput = str | os.PathLike[str] | Image.Image
 
 
 class Predictor(nn.Module):
     """Trained network + class names + preprocessing constants."""
 
-    def __init__(self, model: nn.Module, classes: list[str], input_size: int, resize: int | None):
+    def __init__(self, model: Network, classes: list[str], input_size: int, resize: int | None):
         super().__init__()
         self.model = model.eval()
         self.classes = list(classes)
@@ -39,11 +53,7 @@ class Predictor(nn.Module):
         """(n, 3, input_size, input_size) normalised -> (n, classes) primary-head logits."""
         return getattr(self.model(x), self.primary_head)
 
-    def preprocess(self, images) -> torch.Tensor:
-        from PIL import Image
-
-        from tasn.data.transforms import eval_transform
-
+    def preprocess(self, images: Iterable[ImageInput]) -> torch.Tensor:
         transform = eval_transform(self.input_size, self.resize)
         batch = []
         for item in images:
@@ -61,7 +71,7 @@ class Predictor(nn.Module):
         return torch.stack(batch)
 
     @torch.inference_mode()
-    def predict(self, images, topk: int = 5, batch_size: int = 16) -> list[dict]:
+    def predict(self, images: Iterable[ImageInput], topk: int = 5, batch_size: int = 16) -> list[dict[str, Any]]:
         """For each image: {class_id, class_name, prob, topk: [{class_id, class_name, prob}, ...]}."""
         self.eval()
         device = next(self.parameters()).device
@@ -80,18 +90,14 @@ class Predictor(nn.Module):
 
 def from_checkpoint(path_or_uri: str, endpoint: str | None = None) -> Predictor:
     """A Predictor from a `model.pt` (or training checkpoint) written by `tasn train`."""
-    from tasn.checkpoint import load_model
-
     model, meta = load_model(path_or_uri, endpoint=endpoint)
     config = meta["config"]
     return Predictor(model, meta["classes"], config["model"]["input_size"], config["preprocess"]["size"])
 
 
-def log_model(predictor: Predictor, name: str = "model", registered_model_name: str | None = None):
+def log_model(predictor: Predictor, name: str = "model", registered_model_name: str | None = None) -> Any:
     """Log to the active MLflow run; returns MLflow's ModelInfo (`.model_uri` loads it back)."""
     import mlflow
-    import numpy as np
-    import torchvision
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -116,7 +122,7 @@ def log_model(predictor: Predictor, name: str = "model", registered_model_name: 
 
 
 @contextlib.contextmanager
-def _pickle_allowed():
+def _pickle_allowed() -> Iterator[None]:
     old = os.environ.get(PICKLE_ENV)
     os.environ[PICKLE_ENV] = "true"
     try:
@@ -133,4 +139,34 @@ def load_predictor(model_uri: str) -> Predictor:
     import mlflow
 
     with _pickle_allowed():
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        predictor: Predictor = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    return predictor
+
+
+def check_image(path: str | os.PathLike[str]) -> None:
+    """A missing, unreadable or non-image file is named before any model is loaded."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such image file")
+    try:
+        with Image.open(p) as img:
+            img.load()
+    except Exception as exc:  # PIL raises several types for broken files
+        raise DataError(f"{p}: not a readable image ({exc})") from exc
+
+
+def predict_files(model_uri: str, images: Sequence[str], topk: int, cfg: TrackingConfig) -> list[dict[str, Any]]:
+    """`tasn predict`: the top-k classes of raw image files with a logged model (models:/NAME@ALIAS,
+    runs:/ID/model, ...); every image is checked before the model is loaded."""
+    for path in images:
+        check_image(path)
+    if tracking.is_mlflow_uri(model_uri):
+        tracking.setup(cfg)
+    try:
+        predictor = load_predictor(model_uri)
+    except Exception as exc:  # MLflow raises many kinds for a wrong URI: name the URI
+        raise TASNError(f"--model {model_uri}: cannot load the model ({exc})") from exc
+    try:
+        return predictor.predict(images, topk=topk)
+    except OSError as exc:
+        raise DataError(f"cannot read an image: {exc}") from exc

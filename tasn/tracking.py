@@ -7,6 +7,9 @@ A remote server is checked before training starts, so a wrong URI costs seconds,
 During the run every MLflow call goes through `Run`, which retries with backoff and, if the server
 stays away, logs a warning and carries on: losing a metric point is better than losing a week of
 GPU time. Nothing that looks like a credential is ever sent as a param or tag.
+
+mlflow itself is imported on first use (`_mlflow()`), so the training stage, and the benchmarks
+built on it, run with tracking off on a machine without the MLOps stack.
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
 
 import yaml
 
+from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
+from tasn.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +40,47 @@ log = logging.getLogger(__name__)
 SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY)", re.IGNORECASE)
 SECRET_KEY_NAME = re.compile(r"(aws_|secret|password|token|credential|access_key)", re.IGNORECASE)
 REDACTED = "***"
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def _mlflow() -> ModuleType:
+    """mlflow, imported on first use (see the module docstring)."""
+    import mlflow
+
+    return mlflow
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    """A model or artifact URI that MLflow resolves (models:/NAME@ALIAS, runs:/ID/model, ...),
+    as opposed to a local path or s3:// URI of a model file."""
+    return uri.startswith(MLFLOW_SCHEMES)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Where a training run lives in MLflow: what its run.json holds (all None when untracked)."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+    tracking_uri: str | None = None
+    model_uri: str | None = None  # the logged model, e.g. models:/m-... or runs:/ID/model
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], what: str = "the run file") -> RunInfo:
+        data = read_json(path, what)
+        return cls(**{k: data.get(k) for k in ("run_id", "experiment_id", "tracking_uri", "model_uri")})
 
 
 # -- where ----------------------------------------------------------------------------------
 
-def resolve_uri(cfg) -> str:
-    """config `tracking.uri` > MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def resolve_uri(cfg: TrackingConfig, run_uri: str | None = None) -> str:
+    """config `tracking.uri` > `run_uri` (the store a run already lives in: register and evaluate
+    go where train went) > MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db."""
+    return (cfg.uri or run_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
 
 
 def local_artifact_root() -> str:
@@ -70,27 +112,24 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise ServiceError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
 
 
-def setup(cfg) -> str:
-    """Point MLflow at the configured store after checking it answers; return the URI."""
-    import mlflow
-
-    uri = resolve_uri(cfg)
+def setup(cfg: TrackingConfig, run_uri: str | None = None) -> str:
+    """Point MLflow at the store `resolve_uri` picks after checking it answers; return the URI."""
+    uri = resolve_uri(cfg, run_uri)
     check_reachable(uri)
     if cfg.s3_endpoint:
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.s3_endpoint
-    mlflow.set_tracking_uri(uri)
+    _mlflow().set_tracking_uri(uri)
     return uri
 
 
 def experiment_id(name: str, uri: str) -> str:
     """The experiment's id, created if needed; a local sqlite store keeps artifacts in ./mlruns."""
-    import mlflow
-
+    mlflow = _mlflow()
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
-        return exp.experiment_id
+        return str(exp.experiment_id)
     location = local_artifact_root() if uri.startswith("sqlite:") else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return str(mlflow.create_experiment(name, artifact_location=location))
 
 
 # -- what -----------------------------------------------------------------------------------
@@ -162,10 +201,9 @@ def retry(fn: Callable[[], Any], what: str, attempts: int = 4, delay: float = 2.
 class Run:
     """The active MLflow run of a training process (rank 0 only), every call retried."""
 
-    def __init__(self, cfg, tags: dict[str, str], run_id: str | None = None, run_name: str | None = None,
-                 retry_delay: float = 2.0):
-        import mlflow
-
+    def __init__(self, cfg: TrackingConfig, tags: dict[str, Any], run_id: str | None = None,
+                 run_name: str | None = None, retry_delay: float = 2.0):
+        self.mlflow = _mlflow()
         self.uri = setup(cfg)
         self.retry_delay = retry_delay
         self.experiment_id = experiment_id(cfg.experiment, self.uri)
@@ -173,48 +211,37 @@ class Run:
         active = None
         if run_id:
             try:
-                active = mlflow.start_run(run_id=run_id, log_system_metrics=system)
+                active = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
                 log.info("MLflow: continuing run %s", run_id)
             except Exception as exc:
                 log.warning("MLflow: cannot continue run %s (%s); starting a new one", run_id, exc)
         if active is None:
-            active = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, log_system_metrics=system)
-        self.run_id = active.info.run_id
+            active = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name,
+                                           log_system_metrics=system)
+        self.run_id: str = active.info.run_id
         self.set_tags(tags)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         return retry(fn, what, delay=self.retry_delay)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        import mlflow
-
-        self._call("log_params", lambda: mlflow.log_params(scrub(params)))
+        self._call("log_params", lambda: self.mlflow.log_params(scrub(params)))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        import mlflow
-
         clean = {k: v for k, v in scrub(tags).items() if v is not None}
-        self._call("set_tags", lambda: mlflow.set_tags(clean))
+        self._call("set_tags", lambda: self.mlflow.set_tags(clean))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import mlflow
+        self._call(f"log_metrics at step {step}", lambda: self.mlflow.log_metrics(metrics, step=step))
 
-        self._call(f"log_metrics at step {step}", lambda: mlflow.log_metrics(metrics, step=step))
-
-    def log_figure(self, figure, artifact_file: str) -> None:
-        import mlflow
-
-        self._call(f"log_figure {artifact_file}", lambda: mlflow.log_figure(figure, artifact_file))
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self._call(f"log_figure {artifact_file}", lambda: self.mlflow.log_figure(figure, artifact_file))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        self._call(f"log_artifact {path}", lambda: mlflow.log_artifact(str(path), artifact_path))
+        self._call(f"log_artifact {path}", lambda: self.mlflow.log_artifact(str(path), artifact_path))
 
     def log_model(self, log_fn: Callable[[], Any]) -> Any:
         return self._call("log_model", log_fn)
 
     def end(self, status: str = "FINISHED") -> None:
-        import mlflow
-
-        self._call("end_run", lambda: mlflow.end_run(status=status))
+        self._call("end_run", lambda: self.mlflow.end_run(status=status))

@@ -5,19 +5,25 @@ returns a Figure that the caller saves or logs to MLflow.
 
 from __future__ import annotations
 
+import io
+import os
+from typing import Any
+
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
+from tasn.data.transforms import denormalize
+from tasn.io import atomic_write_bytes
 
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+matplotlib.use("Agg")  # no display; set before any figure exists
 
 
-def _rgb(image: torch.Tensor):
+def _rgb(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) normalised tensor -> (H, W, 3) array in [0, 1] for imshow."""
-    from tasn.data.transforms import denormalize
-
     return denormalize(image.detach().float().cpu()).permute(1, 2, 0).numpy()
 
 
@@ -29,7 +35,8 @@ def _upsampled(maps: torch.Tensor, size: int) -> torch.Tensor:
     return up / peak
 
 
-def attention_figure(images: torch.Tensor, extras, titles: list[str] | None = None, columns_title: str = ""):
+def attention_figure(images: torch.Tensor, extras: Any, titles: list[str] | None = None,
+                     columns_title: str = "") -> Figure:
     """One row per image: the input, the structure and detail attention maps over it, and the
     structure- and details-preserved samples the shared backbone actually sees.
 
@@ -66,7 +73,7 @@ def attention_figure(images: torch.Tensor, extras, titles: list[str] | None = No
     return fig
 
 
-def learning_curves(history: list[dict], primary_head: str):
+def learning_curves(history: list[dict[str, Any]], primary_head: str) -> Figure:
     """Loss (train, val) and top-1 accuracy per head against the epoch, from history.csv rows."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -87,13 +94,38 @@ def learning_curves(history: list[dict], primary_head: str):
     return fig
 
 
-def save_figure(fig, path) -> None:
-    """Write a PNG atomically and free the figure."""
-    import io
+def confusion_figure(conf: torch.Tensor, classes: list[str], title: str) -> Figure:
+    """Row-normalised confusion matrix, class names on both axes, counts written in when few."""
+    n = len(classes)
+    font = max(3.0, min(9.0, 360.0 / max(n, 1)))
+    labels_in = 0.6 * font / 72 * max(len(c) for c in classes)  # room the tick labels take
+    side = min(30.0, 0.3 * n + labels_in + 3.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), layout="constrained")
+    rows = conf.double() / conf.sum(dim=1, keepdim=True).clamp_min(1)
+    im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if conf[i, j]:
+                    ax.text(j, i, str(int(conf[i, j])), ha="center", va="center", fontsize=font,
+                            color="white" if rows[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the actual class")
+    return fig
 
-    from tasn.io import atomic_write_bytes
 
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes; the figure is freed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
+    """Write a PNG atomically and free the figure."""
+    atomic_write_bytes(path, png_bytes(fig))

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tasn.data.dataset import PreparedDataset
-from tasn.data.preprocess import preprocess
+from tasn.data.preprocess import MANIFEST, SHARDS, preprocess
 from tasn.data.transforms import MEAN, STD, denormalize, eval_transform, train_transform
 from tasn.errors import DataError
 from test_data_support import TINY, TINY_PREP, tiny_synth
@@ -31,7 +31,7 @@ def test_dataset_reads_split_with_labels_and_classes(prepared):
     assert (len(train), len(test)) == (TINY.classes * TINY.train_per_class, TINY.classes * TINY.test_per_class)
     assert train.classes == test.classes and len(train.classes) == TINY.classes
     assert train.labels == sorted(list(range(TINY.classes)) * TINY.train_per_class)
-    m = pd.read_parquet(prepared / "manifest.parquet")
+    m = pd.read_parquet(prepared / MANIFEST)
     row = m[m.split == "test"].iloc[1]
     direct = Image.open(io.BytesIO((prepared / row.shard).read_bytes()[row.offset : row.offset + row.length])).convert("RGB")
     assert np.array_equal(np.asarray(test.image(1)), np.asarray(direct))
@@ -40,8 +40,8 @@ def test_dataset_reads_split_with_labels_and_classes(prepared):
     assert torch.allclose(x, torch.from_numpy(np.array(direct)).permute(2, 0, 1).float() / 255)
     with pytest.raises(ValueError, match="split must be one of"):
         PreparedDataset(prepared, "val")
-    with pytest.raises(DataError, match="manifest.parquet: missing"):
-        PreparedDataset(prepared / "shards", "train")
+    with pytest.raises(DataError, match=f"{MANIFEST}: missing"):
+        PreparedDataset(prepared / SHARDS, "train")
 
 
 def test_dataset_works_with_loader_workers_and_distributed_sampler(prepared):

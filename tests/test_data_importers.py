@@ -11,6 +11,7 @@ from PIL import Image
 
 from tasn.cli import main
 from tasn.data.importers import import_folder, stratified_split
+from tasn.data.preprocess import CLASSES, MANIFEST
 from tasn.data.layout import check_layout, read_layout
 from test_data_support import make_cub_tree
 
@@ -35,9 +36,9 @@ def test_cub_tree_imports_validates_and_preprocesses_ignoring_boxes(tmp_path, ca
 
     assert main(["validate", *params, "--data", str(dest), "--report-dir", str(tmp_path / "report")]) == 0
     assert main(["preprocess", *params, "--data", str(dest), "--out", str(tmp_path / "prep")]) == 0
-    m = pd.read_parquet(tmp_path / "prep" / "manifest.parquet")
+    m = pd.read_parquet(tmp_path / "prep" / MANIFEST)
     assert len(m) == 15 and (m[["width", "height"]].min(axis=1) == 40).all()
-    assert json.loads((tmp_path / "prep" / "classes.json").read_text())[0] == "001.Black_footed_Albatross"
+    assert json.loads((tmp_path / "prep" / CLASSES).read_text())[0] == "001.Black_footed_Albatross"
 
 
 def test_import_cub_refuses_a_broken_tree_and_keeps_dest(tmp_path, capsys):

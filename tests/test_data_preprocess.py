@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tasn.cli import main
-from tasn.data.preprocess import preprocess
+from tasn.data.preprocess import CLASSES, MANIFEST, preprocess, shard_name
 from test_data_support import TINY, TINY_PREP, make_cub_tree, tiny_synth
 
 
@@ -29,12 +29,12 @@ def raw(tmp_path_factory):
 
 def test_preprocess_resizes_shorter_side_and_packs_shards(raw, tmp_path):
     out = tmp_path / "prep"
-    summary = preprocess(raw, out, TINY_PREP)
+    summary = preprocess(raw, out, TINY_PREP).summary
     n = TINY.classes * (TINY.train_per_class + TINY.test_per_class)
     assert summary["images"] == n and summary["classes"] == TINY.classes
-    m = pd.read_parquet(out / "manifest.parquet")
+    m = pd.read_parquet(out / MANIFEST)
     assert list(m["image_id"]) == list(range(1, n + 1))
-    assert json.loads((out / "classes.json").read_text())[0] == "001.Striped_wing_Ringed_eye"
+    assert json.loads((out / CLASSES).read_text())[0] == "001.Striped_wing_Ringed_eye"
     images_txt = dict(line.split() for line in (raw / "images.txt").read_text().splitlines())
     for row in m.itertuples():
         assert images_txt[str(row.image_id)] == row.path
@@ -83,7 +83,7 @@ def test_preprocess_converts_modes_and_applies_exif_orientation(tmp_path):
         _save(root / "images" / images[image_id], img, **kw)  # suffix stays .jpg: content decides
     out = tmp_path / "prep"
     preprocess(root, out, TINY_PREP)
-    m = pd.read_parquet(out / "manifest.parquet").set_index("image_id")
+    m = pd.read_parquet(out / MANIFEST).set_index("image_id")
 
     def pixels(image_id):
         row = m.loc[image_id]
@@ -108,4 +108,4 @@ def test_preprocess_cli_uses_params_and_reports_summary(raw, tmp_path, capsys):
     rc = main(["preprocess", "--params", str(params), "--data", str(raw), "--out", str(tmp_path / "p")])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["size"] == 48
-    assert min(Image.open(io.BytesIO((tmp_path / "p" / "shards" / "shard-00000.bin").read_bytes())).size) == 48
+    assert min(Image.open(io.BytesIO((tmp_path / "p" / shard_name(0)).read_bytes())).size) == 48

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from tasn.cli import main
+from tasn.data.validate import MANIFEST, REPORT, SUMMARY
 from test_data_support import TINY, tiny_synth
 
 PARAMS = "validate: {min_side: 32, workers: 1}\npreprocess: {size: 64, workers: 1}\nmodel: {input_size: 48}\n"
@@ -37,20 +38,20 @@ def good(tmp_path_factory):
 
 
 def test_validate_passes_and_writes_summary_report_and_manifest(good):
-    summary = json.loads((good / "report" / "summary.json").read_text())
+    summary = json.loads((good / "report" / SUMMARY).read_text())
     n = TINY.classes * (TINY.train_per_class + TINY.test_per_class)
     assert summary["passed"] and summary["images"] == n and summary["classes"] == TINY.classes
     assert {r["id"] for r in summary["rules"]} >= {
         "exists", "listed", "unique_id", "label_in_range", "decodable", "min_side", "unique_bytes", "no_leakage",
         "train_per_class", "test_per_class", "class_balance", "test_fraction"}
     assert all(r["passed"] and r["offenders"] == [] for r in summary["rules"])
-    m = pd.read_parquet(good / "report" / "manifest.parquet")
+    m = pd.read_parquet(good / "report" / MANIFEST)
     assert len(m) == n and m["sha256"].is_unique and set(m["split"]) == {"train", "test"}
     raw = good / "raw" / "images"
     row = m.iloc[5]
     assert row["sha256"] == hashlib.sha256((raw / row["path"]).read_bytes()).hexdigest()
     assert row["bytes"] == (raw / row["path"]).stat().st_size and row["mode"] == "RGB"
-    page = (good / "report" / "report.html").read_text()
+    page = (good / "report" / REPORT).read_text()
     assert "Data validation: <span" in page and "PASSED" in page and "data:image/png;base64," in page
     assert "002.Checkered_wing_Ringed_eye" in page
 
@@ -147,9 +148,9 @@ def test_bad_input_is_named_exits_nonzero_and_keeps_earlier_outputs(case, good, 
     where = offender if case == "class_without_test_image" else f"images/{offender}"
     assert f"[{rule}] {where}: {message}" in err, err
     assert _digest(tmp_path / "report") == before["report"]  # the last good report survives
-    failed = json.loads((tmp_path / "report-failed" / "summary.json").read_text())
+    failed = json.loads((tmp_path / "report-failed" / SUMMARY).read_text())
     assert not failed["passed"] and any(r["id"] == rule and not r["passed"] for r in failed["rules"])
-    assert offender in (tmp_path / "report-failed" / "report.html").read_text()
+    assert offender in (tmp_path / "report-failed" / REPORT).read_text()
 
     rc = main(["preprocess", "--params", params, "--data", str(raw), "--out", str(tmp_path / "prep")])
     err = capsys.readouterr().err

@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasn import evaluate
 from tasn.cli import build_parser
 from tasn.config import Config, load_config
+from tasn.registry import REGISTRATION
+from tasn.training import outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["validate", "preprocess", "train", "evaluate", "register"]
@@ -71,7 +74,7 @@ def test_params_are_config_sections_and_metrics_plots_are_stage_outputs(dvc_yaml
         for section in stage.get("params", []):
             assert section in sections, f"{name}: params section {section!r} is not in tasn.config.Config"
     metrics = [m for s in dvc_yaml["stages"].values() for m in _paths(s.get("metrics"))]
-    assert metrics == ["outputs/train/metrics.json", "outputs/evaluate/metrics.json"]
+    assert metrics == [f"outputs/train/{outputs.METRICS}", f"outputs/evaluate/{evaluate.METRICS}"]
     produced = {p for s in dvc_yaml["stages"].values() for p in _paths(s.get("outs"))}
     for plot in dvc_yaml["plots"]:
         (key, spec), = plot.items() if isinstance(plot, dict) else ((plot, None),)
@@ -116,12 +119,12 @@ def test_dvc_repro_runs_everything_then_status_is_clean_and_experiments_work(tmp
     assert json.loads(status.stdout) == {}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert list(lock["stages"]) == STAGES
-    registration = json.loads((repo / "outputs/register/registration.json").read_text())
+    registration = json.loads((repo / "outputs/register" / REGISTRATION).read_text())
     assert registration["decision"] == "promote" and registration["version"] == "1"  # first model: promoted
 
     shown = json.loads(_dvc(repo, "metrics", "show", "--json", env=env).stdout)
     data = next(iter(shown.values()))["data"]
-    assert {"outputs/train/metrics.json", "outputs/evaluate/metrics.json"} <= set(data)
+    assert {f"outputs/train/{outputs.METRICS}", f"outputs/evaluate/{evaluate.METRICS}"} <= set(data)
     plots = json.loads(_dvc(repo, "plots", "show", "--json", env=env).stdout)["data"]
     assert {"learning curves", "accuracy per head", "per-class accuracy", "confusion"} <= set(plots)
     assert not [k for k, v in plots.items() if not v], "plots with nothing to draw"
@@ -136,4 +139,4 @@ def test_dvc_repro_runs_everything_then_status_is_clean_and_experiments_work(tmp
     diff = json.loads(_dvc(repo, "params", "diff", "--json", env=env).stdout)
     assert diff["params.yaml"]["evaluate.topk"] == {"old": 5, "new": 3, "diff": -2}
     metrics_diff = json.loads(_dvc(repo, "metrics", "diff", "--all", "--json", env=env).stdout)
-    assert {"outputs/train/metrics.json", "outputs/evaluate/metrics.json"} <= set(metrics_diff)  # HEAD's from the cache
+    assert {f"outputs/train/{outputs.METRICS}", f"outputs/evaluate/{evaluate.METRICS}"} <= set(metrics_diff)  # HEAD's from the cache

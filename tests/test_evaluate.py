@@ -16,14 +16,17 @@ import torch
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
 from tasn.cli import main
+from tasn.data.preprocess import CLASSES, MANIFEST
 from tasn.errors import DataError
+from tasn.evaluate import CONFUSION_CSV, CONFUSION_PNG, METRICS, PER_CLASS, RUN_ARTIFACTS
+from tasn.training.outputs import MODEL, RUN
 
 
 def cfg_for(*overrides):
     return smoke_config("evaluate.topk=2", "evaluate.timing_batches=1", *overrides)
 
 
-def save(tmp_path, kind: str, classes, name="model.pt", seed=0) -> Path:
+def save(tmp_path, kind: str, classes, name=MODEL, seed=0) -> Path:
     from tasn.checkpoint import save_model
     from tasn.model import build_model
 
@@ -35,7 +38,7 @@ def save(tmp_path, kind: str, classes, name="model.pt", seed=0) -> Path:
 
 
 def classes_of(data: Path) -> list[str]:
-    return json.loads((data / "classes.json").read_text())
+    return json.loads((data / CLASSES).read_text())
 
 
 def reference(model_path: Path, data: Path):
@@ -77,7 +80,7 @@ def tasn_eval(smoke_data, tmp_path_factory):  # noqa: F811
 
     tmp = tmp_path_factory.mktemp("eval-tasn")
     model = save(tmp, "tasn", classes_of(smoke_data))
-    metrics = evaluate(cfg_for(), smoke_data, str(model), tmp / "out")
+    metrics = evaluate(cfg_for(), smoke_data, str(model), tmp / "out").metrics
     return tmp / "out", metrics, reference(model, smoke_data)
 
 
@@ -95,7 +98,7 @@ def test_tasn_metrics_match_an_independent_computation(tasn_eval):
     assert metrics["distill_kl_t"] == pytest.approx(np_kl(heads["part"], heads["master"], 10.0), rel=1e-3, abs=1e-7)
     assert metrics["num_test"] == len(labels) == 12 and metrics["num_classes"] == 4
     assert metrics["throughput_ips"] > 0 and 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p90"]
-    on_disk = json.loads((out / "metrics.json").read_text())
+    on_disk = json.loads((out / METRICS).read_text())
     assert on_disk == pytest.approx(metrics)
     assert all(isinstance(v, (int, float)) for v in on_disk.values())  # flat numbers for DVC
 
@@ -104,15 +107,15 @@ def test_tables_and_picture(tasn_eval, smoke_data):  # noqa: F811
     out, _, (heads, labels) = tasn_eval
     names = classes_of(smoke_data)
     pred = heads["master_aux"].argmax(1)
-    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    rows = list(csv.DictReader((out / PER_CLASS).open()))
     assert [r["class_name"] for r in rows] == names
     for i, r in enumerate(rows):
         mine = labels == i
         assert int(r["support"]) == mine.sum() and int(r["correct"]) == (pred[mine] == i).sum()
         assert float(r["accuracy"]) == pytest.approx((pred[mine] == i).mean(), abs=1e-6)
-    pairs = Counter((r["actual"], r["predicted"]) for r in csv.DictReader((out / "confusion.csv").open()))
+    pairs = Counter((r["actual"], r["predicted"]) for r in csv.DictReader((out / CONFUSION_CSV).open()))
     assert pairs == Counter((names[a], names[p]) for a, p in zip(labels, pred))
-    png = (out / "confusion.png").read_bytes()
+    png = (out / CONFUSION_PNG).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
@@ -120,7 +123,7 @@ def test_baseline_has_one_head_and_the_same_top1_key(smoke_data, tmp_path):  # n
     from tasn.evaluate import evaluate
 
     model = save(tmp_path, "baseline", classes_of(smoke_data))
-    metrics = evaluate(cfg_for(), smoke_data, str(model), tmp_path / "out")
+    metrics = evaluate(cfg_for(), smoke_data, str(model), tmp_path / "out").metrics
     heads, labels = reference(model, smoke_data)
     assert set(heads) == {"logits"}
     assert metrics["top1"] == metrics["logits_top1"] == pytest.approx(np_topk(heads["logits"], labels, 1))
@@ -132,7 +135,7 @@ def test_bad_inputs_fail_clearly_and_keep_old_outputs(smoke_data, tmp_path, caps
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "metrics.json").write_text('{"top1": 0.5}')
+    (out / METRICS).write_text('{"top1": 0.5}')
     cfg = cfg_for()
     with pytest.raises(DataError, match="nope.pt: no such checkpoint"):
         evaluate(cfg, smoke_data, str(tmp_path / "nope.pt"), out)
@@ -141,15 +144,15 @@ def test_bad_inputs_fail_clearly_and_keep_old_outputs(smoke_data, tmp_path, caps
         evaluate(cfg, smoke_data, str(other), out)
     train_only = tmp_path / "train_only"
     shutil.copytree(smoke_data, train_only)
-    manifest = pd.read_parquet(train_only / "manifest.parquet")
-    manifest[manifest["split"] == "train"].to_parquet(train_only / "manifest.parquet")
+    manifest = pd.read_parquet(train_only / MANIFEST)
+    manifest[manifest["split"] == "train"].to_parquet(train_only / MANIFEST)
     model = save(tmp_path, "baseline", classes_of(smoke_data))
     with pytest.raises(DataError, match="test split is empty"):
         evaluate(cfg, train_only, str(model), out)
     assert main(["evaluate", "--profile", "smoke", "--data", str(smoke_data), "--model", str(tmp_path / "x.pt"),
                  "--out", str(out)]) == 1
     assert "x.pt: no such checkpoint" in capsys.readouterr().err
-    assert (out / "metrics.json").read_text() == '{"top1": 0.5}'  # nothing produced was destroyed
+    assert (out / METRICS).read_text() == '{"top1": 0.5}'  # nothing produced was destroyed
 
 
 @pytest.mark.integration
@@ -160,17 +163,17 @@ def test_cli_logs_to_the_training_run(smoke_data, tmp_path, mlflow_server, monke
     mlflow.set_tracking_uri(mlflow_server.url)
     with mlflow.start_run() as run:
         pass
-    run_json = tmp_path / "run.json"
+    run_json = tmp_path / RUN
     run_json.write_text(json.dumps({"run_id": run.info.run_id}))
     model = save(tmp_path, "baseline", classes_of(smoke_data))
     out = tmp_path / "out"
     capsys.readouterr()
     assert main(["evaluate", "--profile", "smoke", "-S", "evaluate.timing_batches=1", "--data", str(smoke_data),
                  "--model", str(model), "--out", str(out), "--run-json", str(run_json)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / METRICS).read_text())
     assert json.loads(capsys.readouterr().out) == pytest.approx(metrics)
     logged = mlflow.MlflowClient().get_run(run.info.run_id)
     assert logged.data.metrics["test_top1"] == pytest.approx(metrics["top1"])
     assert logged.data.metrics["test_logits_top5"] == pytest.approx(metrics["logits_top5"])
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluate")}
-    assert {"evaluate/metrics.json", "evaluate/per_class.csv", "evaluate/confusion.csv", "evaluate/confusion.png"} <= files
+    assert {f"{RUN_ARTIFACTS}/{name}" for name in (METRICS, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG)} <= files

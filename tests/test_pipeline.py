@@ -16,7 +16,10 @@ import yaml
 
 from components import runtime
 from pipelines import runner
+from tasn import evaluate, registry
+from tasn.data import preprocess, validate
 from tasn.errors import ServiceError, TASNError
+from tasn.training import outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_TASKS = ("validate", "preprocess", "train", "evaluate", "register")
@@ -124,6 +127,11 @@ def test_train_requests_on_one_node_and_for_a_launcher():
         runtime.train_requests(0, 1, "8", "32Gi")
 
 
+# The output names the stand-in writes: the stages' own constants (NAMES is prepended to FAKE_CLI).
+NAMES = {"report": validate.REPORT, "validate_summary": validate.SUMMARY, "prepare_summary": preprocess.SUMMARY,
+         "model": outputs.MODEL, "run": outputs.RUN, "train_metrics": outputs.METRICS,
+         "evaluate_metrics": evaluate.METRICS, "confusion": evaluate.CONFUSION_CSV,
+         "registration": registry.REGISTRATION}
 FAKE_CLI = textwrap.dedent('''
     """Stand-in for `tasn.cli`: records argv and writes what each stage's contract promises."""
     import json, os, sys
@@ -140,27 +148,35 @@ FAKE_CLI = textwrap.dedent('''
         for name, text in files.items():
             (d / name).write_text(text)
     if stage == "validate":
-        out("--report-dir", {"report.html": "<p>ok</p>", "summary.json": '{"images": 3}'})
+        out("--report-dir", {NAMES["report"]: "<p>ok</p>", NAMES["validate_summary"]: '{"images": 3}'})
     elif stage == "preprocess":
-        out("--out", {"summary.json": '{"images": 3}'})
+        out("--out", {NAMES["prepare_summary"]: '{"images": 3}'})
     elif stage == "train":
-        out("--out", {"model.pt": "w", "run.json": '{"run_id": "r1"}', "metrics.json": '{"loss": 1.5}'})
+        out("--out", {NAMES["model"]: "w", NAMES["run"]: '{"run_id": "r1"}', NAMES["train_metrics"]: '{"loss": 1.5}'})
     elif stage == "evaluate":
-        out("--out", {"metrics.json": '{"master_aux_top1": 0.5}', "confusion.csv": "actual,predicted\\na,a\\na,b\\n"})
+        out("--out", {NAMES["evaluate_metrics"]: '{"master_aux_top1": 0.5}',
+                      NAMES["confusion"]: "actual,predicted\\na,a\\na,b\\n"})
     elif stage == "register":
-        out("--out", {"registration.json": '{"name": "tasn", "version": "7"}'})
+        out("--out", {NAMES["registration"]: '{"name": "tasn", "version": "7"}'})
     elif stage == "promote" and "--dry-run" in argv:
         Path(opt("--decision-file")).write_text(json.dumps({"promote": os.environ["FAKE_PROMOTE"] == "1",
                                                             "reason": "0.5 vs 0.4"}))
 ''')
 
 
-@pytest.mark.parametrize("wins", [True, False])
-def test_kfp_local_runs_the_dag_and_promotes_only_when_the_gate_says_so(tmp_path, monkeypatch, wins):
+def fake_tasn(tmp_path: Path) -> Path:
+    """A folder holding a `tasn` package whose `cli` is the stand-in; its other modules (the output
+    names the components import) are the real ones."""
     fake = tmp_path / "fake"
     (fake / "tasn").mkdir(parents=True)
-    (fake / "tasn" / "__init__.py").write_text("")
-    (fake / "tasn" / "cli.py").write_text(FAKE_CLI)
+    (fake / "tasn" / "__init__.py").write_text(f"__path__.append({str(ROOT / 'tasn')!r})\n")
+    (fake / "tasn" / "cli.py").write_text(f"NAMES = {NAMES!r}\n" + FAKE_CLI)
+    return fake
+
+
+@pytest.mark.parametrize("wins", [True, False])
+def test_kfp_local_runs_the_dag_and_promotes_only_when_the_gate_says_so(tmp_path, monkeypatch, wins):
+    fake = fake_tasn(tmp_path)
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "images.txt").write_text("1 a/1.jpg\n")
@@ -181,18 +197,15 @@ def test_kfp_local_runs_the_dag_and_promotes_only_when_the_gate_says_so(tmp_path
         assert call[call.index("--profile") + 1] == "smoke" and call[call.index("-S") + 1] == "train.lr=0.01"
     assert calls[0][calls[0].index("--data") + 1] == str(raw)
     train_out = Path(calls[2][calls[2].index("--out") + 1])
-    assert calls[3][calls[3].index("--model") + 1] == str(train_out / "model.pt")  # evaluate reads train's model
-    assert calls[4][calls[4].index("--run-json") + 1] == str(train_out / "run.json")
+    assert calls[3][calls[3].index("--model") + 1] == str(train_out / outputs.MODEL)  # evaluate reads train's model
+    assert calls[4][calls[4].index("--run-json") + 1] == str(train_out / outputs.RUN)
     assert calls[5][calls[5].index("--version") + 1] == "7"  # the gate judges what register made
     reports = list(Path(result["pipeline_root"]).rglob("report"))
     assert [p.read_text() for p in reports] == ["<p>ok</p>"]  # the HTML artifact is validate's report
 
 
 def test_run_local_stops_at_the_failed_stage_without_retrying(tmp_path, monkeypatch):
-    fake = tmp_path / "fake"
-    (fake / "tasn").mkdir(parents=True)
-    (fake / "tasn" / "__init__.py").write_text("")
-    (fake / "tasn" / "cli.py").write_text(FAKE_CLI)
+    fake = fake_tasn(tmp_path)
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "images.txt").write_text("1 a/1.jpg\n")
     log = tmp_path / "argv.log"

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tasn import launch
+from tasn.data.preprocess import MANIFEST, SHARDS
+from tasn.training.outputs import CHECKPOINTS, METRICS, MODEL
 from tasn.errors import ServiceError, TASNError
 
 CRD_DIR = Path(__file__).resolve().parents[1] / "infra" / "crds"
@@ -143,14 +145,14 @@ def test_create_adopts_an_existing_job_and_reports_other_errors():
 def test_run_trainjob_creates_follows_and_fetches_the_model(tmp_path, monkeypatch):
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
-    (work / "out" / "model.pt").write_bytes(b"weights")
-    (work / "out" / "metrics.json").write_text("{}")
+    (work / launch.WORK_OUT / MODEL).write_bytes(b"weights")
+    (work / launch.WORK_OUT / METRICS).write_text("{}")
     api = FakeApi([job(("Complete", "True", "", ""))])
     monkeypatch.setattr(launch.TrainJobSpec, "check", lambda self: None)  # a local work dir stands in for S3
     launch.run_trainjob(spec(work_uri=str(work)), str(tmp_path / "model"), namespace="ml", api=api, poll_s=0)
     ((_, _, namespace, _, body),) = api.created
     assert namespace == "ml" and body["metadata"]["name"] == launch.job_name(f"{work}|{tmp_path / 'model'}")
-    assert (tmp_path / "model" / "model.pt").read_bytes() == b"weights"
+    assert (tmp_path / "model" / MODEL).read_bytes() == b"weights"
 
 
 def test_run_trainjob_fails_when_the_job_left_no_model(tmp_path, monkeypatch):
@@ -193,9 +195,9 @@ def test_rendered_trainjob_validates_against_the_crd_schema_in_the_repo(gpus):
 @pytest.mark.parametrize("rank,uploads", [("0", True), ("1", False)])
 def test_node_trains_under_torchrun_with_resumable_checkpoints_and_node0_uploads(tmp_path, monkeypatch, rank, uploads):
     data, work = tmp_path / "prepared", tmp_path / "work"
-    (data / "shards").mkdir(parents=True)
-    (data / "manifest.parquet").write_bytes(b"m")
-    (data / "shards" / "0.tar").write_bytes(b"s")
+    (data / SHARDS).mkdir(parents=True)
+    (data / MANIFEST).write_bytes(b"m")
+    (data / SHARDS / "0.tar").write_bytes(b"s")
     seen = {}
 
     def fake_call(argv):
@@ -205,7 +207,7 @@ def test_node_trains_under_torchrun_with_resumable_checkpoints_and_node0_uploads
         seen["params"] = Path(argv[argv.index("--params") + 1]).read_text()
         out = Path(argv[argv.index("--out") + 1])
         out.mkdir()
-        (out / "model.pt").write_bytes(b"trained")
+        (out / MODEL).write_bytes(b"trained")
         return 0
 
     monkeypatch.setattr(launch.subprocess, "call", fake_call)
@@ -214,10 +216,10 @@ def test_node_trains_under_torchrun_with_resumable_checkpoints_and_node0_uploads
     assert launch.node_main(["--data-uri", str(data), "--work-uri", str(work), "--profile", "cub", "-S", "train.lr=0.1"]) == 0
     argv = seen["argv"]
     assert argv[1:5] == ["-m", "torch.distributed.run", "-m", "tasn.cli"] and argv[5] == "train"
-    assert seen["data"] == ["manifest.parquet", "shards/0.tar"] and seen["params"] == "train: {epochs: 2}\n"
+    assert seen["data"] == [MANIFEST, f"{SHARDS}/0.tar"] and seen["params"] == "train: {epochs: 2}\n"
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
-    assert sets == ["train.lr=0.1", f"train.checkpoint_dir={work}/checkpoints", "train.resume=auto"]
-    assert (work / "out" / "model.pt").exists() == uploads
+    assert sets == ["train.lr=0.1", f"train.checkpoint_dir={work}/{CHECKPOINTS}", "train.resume=auto"]
+    assert (work / launch.WORK_OUT / MODEL).exists() == uploads
 
 
 def test_node_fails_on_missing_data_and_passes_the_trainers_exit_code(tmp_path, monkeypatch):

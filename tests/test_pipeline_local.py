@@ -11,6 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
+
+from tasn import evaluate
+from tasn.registry import REGISTRATION
+from tasn.training.outputs import MODEL, RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,18 +43,16 @@ def test_run_local_runs_the_five_stages_and_promotes(tmp_path):
 
     (run_dir,) = list((tmp_path / "root").iterdir())
     model_dir = run_dir / "train" / "model"
-    assert (model_dir / "model.pt").is_file() and (model_dir / "run.json").is_file()
-    evaluation = json.loads((run_dir / "evaluate" / "evaluation" / "metrics.json").read_text())
-    registration = json.loads((run_dir / "register" / "registration" / "registration.json").read_text())
+    assert (model_dir / MODEL).is_file() and (model_dir / RUN).is_file()
+    evaluation = json.loads((run_dir / "evaluate" / "evaluation" / evaluate.METRICS).read_text())
+    registration = json.loads((run_dir / "register" / "registration" / REGISTRATION).read_text())
     decision = json.loads((run_dir / "gate" / "decision").read_text())
     assert decision["promote"] is True and decision["version"] == registration["version"]
-
-    from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     mv = client.get_model_version_by_alias(registration["name"], "staging")
     assert str(mv.version) == registration["version"]
-    run_json = json.loads((model_dir / "run.json").read_text())
+    run_json = json.loads((model_dir / RUN).read_text())
     assert mv.run_id == run_json["run_id"]
     # evaluate logged its metrics to the training run
     logged = client.get_run(run_json["run_id"]).data.metrics

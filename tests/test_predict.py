@@ -34,7 +34,7 @@ def staged(mlflow_server):
     with mlflow.start_run() as run:
         mlflow.set_tag("data.version", "d1")
         info = log_model(Predictor(net, CLASSES, input_size=32, resize=40))
-    mv = registry.register(run.info.run_id, info.model_uri, {"master_aux_top1": 0.5}, name)
+    mv = registry.register_version(run.info.run_id, info.model_uri, {"master_aux_top1": 0.5}, name)
     assert registry.gate(name, mv.version).applied
     return name, net
 

@@ -19,6 +19,7 @@ import pytest
 
 from tasn import registry
 from tasn.cli import main
+from tasn.registry import lock
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def name(tracking):
 
 def add(runs, name, value, data="d1") -> str:
     run_id, uri = runs[data]
-    return str(registry.register(run_id, uri, {"master_aux_top1": value, "top1": value, "loss": float("nan")}, name).version)
+    return str(registry.register_version(run_id, uri, {"master_aux_top1": value, "top1": value, "loss": float("nan")}, name).version)
 
 
 def holder(name, alias="staging"):
@@ -191,20 +192,20 @@ def test_the_lock_serialises_promotions(runs, name):
     v1 = add(runs, name, 0.5)
     mc = registry.client()
     result = {}
-    with registry.promotion_lock(mc, name):
+    with lock.promotion_lock(mc, name):
         t = threading.Thread(target=lambda: result.update(d=registry.gate(name, v1)))
         t.start()
         t.join(1.5)
         assert t.is_alive() and holder(name) is None  # waiting for the lock
     t.join(60)
     assert result["d"].applied and holder(name) == v1
-    assert registry._lock_tags(mc, name + registry.LOCK_SUFFIX) is None  # the lock model is gone
+    assert lock.lock_tags(mc, name + lock.LOCK_SUFFIX) is None  # the lock model is gone
 
 
 def test_an_expired_lock_is_taken_over(runs, name):
     v1 = add(runs, name, 0.5)
     mc = registry.client()
-    mc.create_registered_model(name + registry.LOCK_SUFFIX, tags={"owner": "dead@host", "token": "t", "expires": "1.0"})
+    mc.create_registered_model(name + lock.LOCK_SUFFIX, tags={"owner": "dead@host", "token": "t", "expires": "1.0"})
     assert registry.gate(name, v1).applied and holder(name) == v1
 
 

@@ -15,6 +15,7 @@ from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture
 from tasn import tracking
 from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
+from tasn.training.outputs import CURVES, MODEL, RUN
 
 
 def test_scrub_redacts_credentials_by_name_and_by_value(monkeypatch):
@@ -58,7 +59,7 @@ def test_local_default_is_sqlite_with_artifacts_in_mlruns(tmp_path, monkeypatch)
 
 
 def test_unreachable_server_fails_fast_before_training(tmp_path):
-    from tasn.train import train
+    from tasn.training import train
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,7 +79,7 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
 
     from tasn import checkpoint
     from tasn.predict import Predictor, from_checkpoint, load_predictor
-    from tasn.train import train
+    from tasn.training import train
 
     s3 = mlflow_s3_server.s3
     for key, value in s3.env().items():
@@ -92,12 +93,12 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            summary = train(cfg, smoke_data, out)
+            result = train(cfg, smoke_data, out)
         finally:
             torch.set_num_threads(threads)
 
-    run_info = json.loads((out / "run.json").read_text())
-    assert run_info["tracking_uri"] == mlflow_s3_server.url and run_info["run_id"] == summary["run_id"]
+    run_info = json.loads((out / RUN).read_text())
+    assert run_info["tracking_uri"] == mlflow_s3_server.url and run_info["run_id"] == result.run.run_id
     client = MlflowClient(mlflow_s3_server.url)
     run = client.get_run(run_info["run_id"])
     assert run.info.status == "FINISHED"
@@ -117,13 +118,13 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art"),
                                                      tracking_uri=mlflow_s3_server.url))
     assert (local / "attention" / "attention_epoch_001.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (local / "learning_curves.png").is_file()
+    assert (local / CURVES).is_file()
     # the artifacts really are on RGW, and so are the checkpoints
     objects = [o["Key"] for o in s3.client().list_objects_v2(Bucket=mlflow_s3_server.bucket)["Contents"]]
     assert any(k.endswith("attention_epoch_001.png") for k in objects)
     ckpt = checkpoint.latest_checkpoint(f"s3://{bucket}/ckpt")
     assert ckpt == f"s3://{bucket}/ckpt/ckpt-000000002.pt"
-    local_model, _ = checkpoint.load_model(str(out / "model.pt"))
+    local_model, _ = checkpoint.load_model(str(out / MODEL))
     for key, value in checkpoint.load_checkpoint(ckpt)["model"].items():
         assert torch.equal(value, local_model.state_dict()[key]), key
     # the logged model loads with mlflow.pytorch and predicts like model.pt does
@@ -131,7 +132,7 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     assert isinstance(predictor, Predictor)
     images = sorted((smoke_data.parent / "raw" / "images").rglob("*.jpg"))[:3]
     got = predictor.predict(images, topk=2)
-    want = from_checkpoint(str(out / "model.pt")).predict(images, topk=2)
+    want = from_checkpoint(str(out / MODEL)).predict(images, topk=2)
     assert [g["class_name"] for g in got] == [w["class_name"] for w in want]
     assert [g["prob"] for g in got] == pytest.approx([w["prob"] for w in want], rel=1e-5)
     assert all(len(g["topk"]) == 2 and g["topk"][0]["prob"] >= g["topk"][1]["prob"] for g in got)

@@ -18,7 +18,9 @@ from torch.utils.data import Dataset
 from fixtures.data_smoke import ROOT, smoke_config, smoke_data  # noqa: F401  (fixture)
 from tasn import checkpoint
 from tasn.cli import main as cli_main
-from tasn.train import EpochSeeded, ResumableSampler, train
+from tasn.training import train
+from tasn.training.outputs import CHECKPOINTS, MODEL, STEPS
+from tasn.training.sampling import EpochSeeded, ResumableSampler, seed_everything
 
 
 @contextlib.contextmanager
@@ -40,12 +42,12 @@ def _env() -> dict[str, str]:
 
 
 def _steps(out: Path) -> list[dict]:
-    with (out / "steps.csv").open() as fh:
+    with (out / STEPS).open() as fh:
         return list(csv.DictReader(fh))
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "model.pt", map_location="cpu", weights_only=True)["model"]
+    return torch.load(out / MODEL, map_location="cpu", weights_only=True)["model"]
 
 
 class _Range(Dataset):
@@ -151,7 +153,6 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(smo
     # step 2's loss is 60% above step 1's after a single update.
     assert curves["two"] == pytest.approx(curves["whole"], rel=2e-3)
     from tasn.model import build_model
-    from tasn.train import seed_everything
 
     cfg = smoke_config(*overrides)
     seed_everything(cfg.train.seed)
@@ -175,15 +176,15 @@ def test_kill_mid_epoch_then_resume_gives_the_uninterrupted_weights(smoke_data, 
     cmd = [sys.executable, "-m", "tasn.cli", "train", "--data", str(smoke_data), "--out", str(killed),
            "--profile", "smoke", *[a for o in overrides for a in ("-S", o)]]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = killed / "checkpoints" / checkpoint.checkpoint_name(4)
+    target = killed / CHECKPOINTS / checkpoint.checkpoint_name(4)
     deadline = time.monotonic() + 600
     while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
-    assert not (killed / "model.pt").exists()  # it really died before the end
-    latest = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(str(killed / "checkpoints")))
+    assert not (killed / MODEL).exists()  # it really died before the end
+    latest = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(str(killed / CHECKPOINTS)))
     assert (latest["epoch"], latest["batch"], latest["step"]) == (1, 1, 4)  # mid-epoch
 
     cfg = smoke_config(*overrides)

@@ -1,90 +1,92 @@
 """Data commands: `tasn data synth|import-cub|import-folder`, `tasn validate`, `tasn preprocess`.
 
-Handlers import their stage module only when run; each prints its summary as JSON on stdout.
+Each prints its stage's summary as JSON on stdout. Handlers import their stage module when run
+(see tasn.commands).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
-
-def _print(summary: dict) -> int:
-    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    return 0
+from tasn.commands.common import Subparsers, config_from_args, print_json
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from tasn.cli import config_from_args
     from tasn.data.synth import generate
 
     cfg = config_from_args(args)
-    return _print(generate(args.dest, cfg.data.synth, workers=args.workers, contact_sheet=args.contact_sheet))
+    print_json(generate(args.dest, cfg.data.synth, workers=args.workers, contact_sheet=args.contact_sheet))
+    return 0
 
 
 def _import_cub(args: argparse.Namespace) -> int:
     from tasn.data.importers import import_cub
 
-    return _print(import_cub(args.src, args.dest, workers=args.workers))
+    print_json(import_cub(args.src, args.dest, workers=args.workers))
+    return 0
 
 
 def _import_folder(args: argparse.Namespace) -> int:
     from tasn.data.importers import import_folder
 
-    return _print(import_folder(args.src, args.dest, test_fraction=args.test_fraction, seed=args.seed, workers=args.workers))
+    print_json(import_folder(args.src, args.dest, test_fraction=args.test_fraction, seed=args.seed,
+                             workers=args.workers))
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tasn.cli import config_from_args
     from tasn.data.validate import validate
 
     cfg = config_from_args(args)
-    return _print(validate(args.data or cfg.data.raw, args.report_dir or cfg.data.validated, cfg.validate))
+    print_json(validate(args.data or cfg.data.raw, args.report_dir or cfg.data.validated, cfg.validate).summary)
+    return 0
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from tasn.cli import config_from_args
     from tasn.data.preprocess import preprocess
 
     cfg = config_from_args(args)
-    return _print(preprocess(args.data or cfg.data.raw, args.out or cfg.data.prepared, cfg.preprocess))
+    print_json(preprocess(args.data or cfg.data.raw, args.out or cfg.data.prepared, cfg.preprocess).summary)
+    return 0
 
 
-def add_commands(sub, common) -> None:
+def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     data = sub.add_parser("data", help="create or import a raw dataset (CUB-200-2011 layout)")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     workers = argparse.ArgumentParser(add_help=False)
     workers.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
 
-    p = data_sub.add_parser(
-        "synth", parents=[common, workers], help="generate the embedded synthetic fine-grained sample (params: data.synth)"
-    )
+    p = data_sub.add_parser("synth", parents=[common, workers],
+                            help="generate the embedded synthetic fine-grained sample (params: data.synth)")
     p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically), e.g. data/raw")
-    p.add_argument("--contact-sheet", default=None, metavar="PNG", help="where to save the contact sheet (default: DEST/contact_sheet.png)")
+    p.add_argument("--contact-sheet", default=None, metavar="PNG",
+                   help="where to save the contact sheet (default: DEST/contact_sheet.png)")
     p.set_defaults(func=_synth)
 
-    p = data_sub.add_parser(
-        "import-cub", parents=[workers], help="import a CUB-200-2011 download (bounding boxes and parts are ignored)"
-    )
+    p = data_sub.add_parser("import-cub", parents=[workers],
+                            help="import a CUB-200-2011 download (bounding boxes and parts are ignored)")
     p.add_argument("src", metavar="SRC", help="the CUB_200_2011 folder (holding images/ and images.txt)")
     p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically)")
     p.set_defaults(func=_import_cub)
 
-    p = data_sub.add_parser(
-        "import-folder", parents=[workers], help="import one folder of images per class, with a seeded stratified split"
-    )
+    p = data_sub.add_parser("import-folder", parents=[workers],
+                            help="import one folder of images per class, with a seeded stratified split")
     p.add_argument("src", metavar="SRC", help="a folder holding one subfolder of images per class")
     p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically)")
-    p.add_argument("--test-fraction", type=float, default=0.25, help="share of each class held out for test (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.25,
+                   help="share of each class held out for test (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
     p.set_defaults(func=_import_folder)
 
-    p = sub.add_parser("validate", parents=[common], help="build the image manifest and run the great-expectations suite")
+    p = sub.add_parser("validate", parents=[common],
+                       help="build the image manifest and run the great-expectations suite")
     p.add_argument("--data", default=None, metavar="DIR", help="raw CUB-layout dataset (default: data.raw)")
-    p.add_argument("--report-dir", default=None, metavar="DIR", help="summary.json, report.html, manifest.parquet (default: data.validated)")
+    p.add_argument("--report-dir", default=None, metavar="DIR",
+                   help="summary, HTML report and manifest (default: data.validated)")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("preprocess", parents=[common], help="resize and pack images into shards for training (no bounding boxes)")
+    p = sub.add_parser("preprocess", parents=[common],
+                       help="resize and pack images into shards for training (no bounding boxes)")
     p.add_argument("--data", default=None, metavar="DIR", help="raw CUB-layout dataset (default: data.raw)")
     p.add_argument("--out", default=None, metavar="DIR", help="prepared output (default: data.prepared)")
     p.set_defaults(func=_preprocess)

@@ -1,11 +1,17 @@
-"""`tasn pipeline compile | run-local | submit`: the Kubeflow door onto the same stages."""
+"""`tasn pipeline compile | run-local | submit`: the Kubeflow door onto the same stages.
+
+Handlers import `pipelines.runner` (and so kfp) when run (see tasn.commands).
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from tasn.commands.common import Subparsers, config_from_args
+from tasn.config import find_params
 
-def add_commands(sub, common) -> None:
+
+def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     pipe = sub.add_parser("pipeline", help="compile, run locally (kfp.local) or submit the Kubeflow pipeline")
     cmds = pipe.add_subparsers(dest="pipeline_command", metavar="ACTION", required=True)
 
@@ -44,27 +50,24 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    from tasn.cli import config_from_args
+    from pipelines.runner import run_local
     from tasn.tracking import resolve_uri
 
-    from pipelines.runner import run_local
-
     cfg = config_from_args(args)  # checks params, profile and overrides before any task starts
-    result = run_local(args.data or cfg.data.raw, args.params, args.profile, args.overrides, args.pipeline_root)
+    result = run_local(args.data or cfg.data.raw, find_params(args.params), args.profile, args.overrides,
+                       args.pipeline_root)
     print(f"pipeline finished in {result['seconds']:.0f} s; task outputs under {result['pipeline_root']}")
     print(f"look at the runs and the registry: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking)}")
     return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from tasn.cli import config_from_args
-
     from pipelines.runner import submit
 
-    config_from_args(args)
+    config_from_args(args)  # checks params, profile and overrides before anything is sent
     result = submit(
         args.host, args.token, args.data_uri, experiment=args.experiment, run_name=args.run_name,
-        params=args.params, profile=args.profile, overrides=args.overrides, namespace=args.namespace,
+        params=find_params(args.params), profile=args.profile, overrides=args.overrides, namespace=args.namespace,
         image=args.image, num_nodes=args.num_nodes, gpus_per_node=args.gpus_per_node,
         accelerator_type=args.accelerator_type, work_uri=args.work_uri, job_kind=args.job_kind,
     )

@@ -1,16 +1,21 @@
-"""`tasn train`: the training stage (one process, or one per GPU under torchrun)."""
+"""`tasn train`: the training stage (one process, or one per GPU under torchrun).
+
+The handler imports the training package when run (see tasn.commands).
+"""
 
 from __future__ import annotations
 
-import json
+import argparse
+
+from tasn.commands.common import Subparsers, config_from_args, print_json
 
 
-def add_commands(sub, common) -> None:
+def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "train", parents=[common], help="train TASN or the baseline (one process or under torchrun)",
         description=(
-            "Train on a prepared dataset; write model.pt, checkpoints/, metrics.json, history.csv and "
-            "run.json to --out, tracked in MLflow. Many processes: "
+            "Train on a prepared dataset; write the model, checkpoints, metrics, per-epoch history and the "
+            "MLflow run's ids to --out, tracked in MLflow. Many processes: "
             "`torchrun --nproc-per-node 8 -m tasn.cli train ...`. Resumes from the newest checkpoint "
             "by default (train.resume: auto)."
         ),
@@ -23,12 +28,9 @@ def add_commands(sub, common) -> None:
     p.set_defaults(func=_train)
 
 
-def _train(args) -> int:
-    from tasn.cli import config_from_args
-    from tasn.train import train
+def _train(args: argparse.Namespace) -> int:
+    from tasn.training import train
 
     cfg = config_from_args(args)
-    summary = train(cfg, args.data or cfg.data.prepared, args.out, resume=args.resume)
-    if summary:  # rank 0
-        print(json.dumps(summary, indent=2, default=str))
+    print_json(train(cfg, args.data or cfg.data.prepared, args.out, resume=args.resume).summary())
     return 0

@@ -17,11 +17,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from PIL import Image
 
-from tasn.config import ConfigError, PreprocessConfig
+from tasn.config import PreprocessConfig, check
 from tasn.data.images import decode, to_rgb
 from tasn.data.layout import check_layout, read_layout
 from tasn.data.parallel import imap
@@ -31,9 +32,20 @@ from tasn.io import atomic_dir, atomic_write_json
 log = logging.getLogger(__name__)
 
 SHARD_BYTES = 256 * 2**20  # a new shard starts past this size
-MANIFEST = "manifest.parquet"
-CLASSES = "classes.json"
-SUMMARY = "summary.json"
+MANIFEST = "manifest.parquet"  # where each image lives (shard, offset, length), its split, label, sizes
+CLASSES = "classes.json"  # class names in label order
+SUMMARY = "summary.json"  # counts and settings (a KFP Metrics artifact)
+SHARDS = "shards"  # folder of shard-<n>.bin: the JPEG bytes, concatenated
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    out_dir: Path
+    summary: dict[str, Any]  # what summary.json holds
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARDS}/shard-{index:05d}.bin"
 
 
 @dataclass
@@ -61,16 +73,14 @@ def _process(job: _Job) -> tuple[bytes, int, int, int, int, str, str]:
     return buf.getvalue(), out.width, out.height, w0, h0, mode, hashlib.sha256(raw).hexdigest()
 
 
-def preprocess(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: PreprocessConfig) -> dict:
-    """Write shards, `manifest.parquet`, `classes.json` and `summary.json` to `out_dir`; return the summary.
+def preprocess(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+               cfg: PreprocessConfig) -> PreprocessResult:
+    """Write the shards, `manifest.parquet`, `classes.json` and `summary.json` to `out_dir`.
 
     A broken input (layout inconsistency, an undecodable image) raises DataError naming the file,
     and `out_dir` is left as it was.
     """
-    if cfg.size < 8:
-        raise ConfigError(f"preprocess.size: must be >= 8, got {cfg.size}")
-    if not 1 <= cfg.jpeg_quality <= 100:
-        raise ConfigError(f"preprocess.jpeg_quality: must be in 1..100, got {cfg.jpeg_quality}")
+    check(cfg, "preprocess.")
     layout = read_layout(data_dir)
     check_layout(layout)
     if layout.images.empty:
@@ -82,7 +92,7 @@ def preprocess(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pre
     out_dir = Path(out_dir)
     records = []
     with atomic_dir(out_dir) as tmp:
-        (tmp / "shards").mkdir()
+        (tmp / SHARDS).mkdir()
         shard, shard_file, offset = -1, None, SHARD_BYTES
         try:
             for row, result in zip(table.itertuples(), imap(_process, jobs, cfg.workers, desc="preprocess")):
@@ -91,12 +101,12 @@ def preprocess(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pre
                     if shard_file:
                         shard_file.close()
                     shard, offset = shard + 1, 0
-                    shard_file = open(tmp / "shards" / f"shard-{shard:05d}.bin", "wb")
+                    shard_file = open(tmp / shard_name(shard), "wb")
                 shard_file.write(data)
                 label = label_of[int(row.class_id)]
                 records.append(
                     dict(image_id=int(row.image_id), path=row.path, label=label, class_name=names[label],
-                         split="train" if row.is_train else "test", shard=f"shards/shard-{shard:05d}.bin",
+                         split="train" if row.is_train else "test", shard=shard_name(shard),
                          offset=offset, length=len(data), width=w, height=h,
                          source_width=w0, source_height=h0, source_mode=mode, source_sha256=sha)
                 )
@@ -120,4 +130,4 @@ def preprocess(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pre
         }
         atomic_write_json(tmp / SUMMARY, summary)
     log.info("preprocessed %d images into %s", len(manifest), out_dir)
-    return summary
+    return PreprocessResult(out_dir, summary)

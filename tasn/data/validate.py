@@ -18,13 +18,17 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import pandas as pd
 
-from tasn.config import ConfigError, ValidateConfig
+from tasn.config import ValidateConfig, check
 from tasn.data.layout import IMAGES_TXT, LABELS_TXT, SPLIT_TXT, read_layout
 from tasn.data.manifest import build_manifest
 from tasn.errors import DataError
@@ -33,9 +37,21 @@ from tasn.io import atomic_dir, atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 MAX_LISTED = 50  # offenders spelled out per rule in the error message (all are in the report)
 
+SUMMARY = "summary.json"  # the verdict, counts and every rule's offenders
+REPORT = "report.html"  # the same for people, with a picture of the data
+MANIFEST = "manifest.parquet"  # one row per file under images/ (what the rules ran on)
+FAILED_SUFFIX = "-failed"  # a failed run's report goes to <report-dir>-failed/
 
-def _gx():
-    """great_expectations, imported on first use with its chatty INFO logging turned down."""
+
+@dataclass(frozen=True)
+class ValidateResult:
+    report_dir: Path
+    summary: dict[str, Any]  # what summary.json holds
+
+
+def _gx() -> ModuleType:
+    """great_expectations, imported on first use (it takes seconds; `tasn --help` and the other
+    stages never need it) with its chatty INFO logging turned down."""
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations
 
@@ -130,13 +146,12 @@ def _plain(df: pd.DataFrame) -> pd.DataFrame:
     return df.astype(object).where(df.notna(), None)
 
 
-def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule]) -> list[dict]:
+def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule]) -> list[dict[str, Any]]:
     """Run every rule through great-expectations; return one result per rule with its offenders."""
     gx = _gx()
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    ctx.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False,
+                                                                                metric_calculations=False)
     source = ctx.data_sources.add_pandas("tasn")
     results = []
     for name, table in tables.items():
@@ -167,11 +182,7 @@ def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule]) -> list[
 
 def _picture(manifest: pd.DataFrame, per_class: pd.DataFrame) -> str:
     """Image sizes and per-class counts as a base64 PNG for the HTML report."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # no display
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
     ok = manifest.dropna(subset=["width", "height"])
     axes[0].scatter(ok["width"].astype(float), ok["height"].astype(float), s=6, alpha=0.6)
@@ -188,7 +199,7 @@ def _picture(manifest: pd.DataFrame, per_class: pd.DataFrame) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def render_html(summary: dict, tables: dict[str, pd.DataFrame]) -> str:
+def render_html(summary: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str:
     """A self-contained page: verdict, one line per rule, offenders, per-class counts, a picture."""
     e = html.escape
     verdict = "PASSED" if summary["passed"] else "FAILED"
@@ -216,16 +227,17 @@ td,th{{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}} .v{{colo
 """
 
 
-def failed_dir(report_dir: str | os.PathLike) -> Path:
+def failed_dir(report_dir: str | os.PathLike[str]) -> Path:
     """Where a failed run's report goes, beside the last good one."""
     report_dir = Path(report_dir)
-    return report_dir.with_name(report_dir.name + "-failed")
+    return report_dir.with_name(report_dir.name + FAILED_SUFFIX)
 
 
-def validate(data_dir: str | os.PathLike, report_dir: str | os.PathLike, cfg: ValidateConfig) -> dict:
-    """Validate the raw dataset at `data_dir`; write the report; raise DataError if any rule fails."""
-    if cfg.max_class_imbalance < 1 or not 0 <= cfg.test_fraction_min <= cfg.test_fraction_max <= 1:
-        raise ConfigError("validate: need max_class_imbalance >= 1 and 0 <= test_fraction_min <= test_fraction_max <= 1")
+def validate(data_dir: str | os.PathLike[str], report_dir: str | os.PathLike[str],
+             cfg: ValidateConfig) -> ValidateResult:
+    """Validate the raw dataset at `data_dir`; write the report to `report_dir`; raise DataError
+    (the report then goes to `<report_dir>-failed`) if any rule fails."""
+    check(cfg, "validate.")
     start = time.perf_counter()
     layout = read_layout(data_dir)
     manifest = build_manifest(layout, cfg.workers)
@@ -247,17 +259,17 @@ def validate(data_dir: str | os.PathLike, report_dir: str | os.PathLike, cfg: Va
     }
     out = failed_dir(report_dir) if failed else Path(report_dir)
     with atomic_dir(out) as tmp:
-        manifest.to_parquet(tmp / "manifest.parquet", index=False)
-        atomic_write_text(tmp / "report.html", render_html(summary, tables))
-        atomic_write_json(tmp / "summary.json", summary)
+        manifest.to_parquet(tmp / MANIFEST, index=False)
+        atomic_write_text(tmp / REPORT, render_html(summary, tables))
+        atomic_write_json(tmp / SUMMARY, summary)
     log.info("validated %d images in %.1f s: %s", len(images), time.perf_counter() - start, "passed" if not failed else "FAILED")
     if failed:
         lines = [f"[{r['id']}] {o}" for r in failed for o in r["offenders"]] or [f"[{r['id']}] {r['rule']}" for r in failed]
         more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
         raise DataError(
             f"{data_dir}: {len(failed)} validation rule(s) failed ({', '.join(r['id'] for r in failed)}); "
-            f"report: {out / 'report.html'} ({Path(report_dir)} left as it was)\n  " + "\n  ".join(lines[:MAX_LISTED]) + more
+            f"report: {out / REPORT} ({Path(report_dir)} left as it was)\n  " + "\n  ".join(lines[:MAX_LISTED]) + more
         )
     if failed_dir(report_dir).exists():  # a stale failure report would contradict this pass
         shutil.rmtree(failed_dir(report_dir))
-    return summary
+    return ValidateResult(Path(report_dir), summary)

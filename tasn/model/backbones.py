@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-log = logging.getLogger(__name__)
+from tasn.choices import BACKBONES
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet18-slim")
+log = logging.getLogger(__name__)
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
     "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
@@ -73,8 +73,8 @@ class SlimResNet(torchvision.models.ResNet):
 def build_resnet(arch: str, pretrained: str = "none") -> torchvision.models.ResNet:
     """A torchvision ResNet; `pretrained`: "none", "imagenet" (torchvision's weights API, which
     downloads to the torch hub cache on first use) or a path / s3:// URI of a state dict."""
-    if arch not in ARCHS:
-        raise ValueError(f"backbone {arch!r} is not one of {', '.join(ARCHS)}")
+    if arch not in BACKBONES:
+        raise ValueError(f"backbone {arch!r} is not one of {', '.join(BACKBONES)}")
     model = SlimResNet() if arch == "resnet18-slim" else getattr(torchvision.models, arch)(weights=None)
     if pretrained in ("", "none", None):
         return model

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the config is not needed to use the losses, only to type the factories
+    from tasn.config import LossConfig, ModelConfig
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -42,7 +47,7 @@ class TASNLoss(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, cfg) -> "TASNLoss":
+    def from_config(cls, cfg: LossConfig) -> TASNLoss:
         return cls(**{k: getattr(cfg, k) for k in ("temperature", "w_attention", "w_part", "w_master",
                                                      "w_part_aux", "w_master_aux", "w_distill")})
 
@@ -61,5 +66,5 @@ class BaselineLoss(nn.Module):
         return ce, {"logits": ce}
 
 
-def build_loss(model_cfg, loss_cfg) -> nn.Module:
+def build_loss(model_cfg: ModelConfig, loss_cfg: LossConfig) -> nn.Module:
     return BaselineLoss() if model_cfg.kind == "baseline" else TASNLoss.from_config(loss_cfg)

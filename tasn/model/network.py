@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from tasn.model.attention import AttentionNet, trilinear_attention
 from tasn.model.backbones import build_resnet, xavier_init
 from tasn.model.sampler import attention_sample
+
+if TYPE_CHECKING:  # the config is not needed to use the model, only to type build_model
+    from tasn.config import ModelConfig
 
 
 class TASNOutput(NamedTuple):
@@ -144,7 +147,10 @@ class Baseline(nn.Module):
         return (out, None) if return_extras else out
 
 
-def build_model(cfg, num_classes: int | None = None) -> nn.Module:
+Network = TASN | Baseline  # what build_model returns: `heads`, `primary_head`, forward(x, return_extras)
+
+
+def build_model(cfg: ModelConfig, num_classes: int | None = None) -> Network:
     """TASN or the baseline from a `tasn.config.ModelConfig`."""
     classes = num_classes or cfg.num_classes
     if not classes or classes < 2:

@@ -17,9 +17,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from tasn.choices import SAMPLER_IMPLS
 
-IMPLS = ("auto", "reference", "fused")
+log = logging.getLogger(__name__)
 
 
 def _check(images: torch.Tensor, attention: torch.Tensor, out_size: int, dense: float, iters: int):
@@ -155,8 +155,8 @@ def reference_attention_sample(
 
 def _resolve_impl(impl: str, images: torch.Tensor) -> str:
     impl = impl if impl != "auto" else os.environ.get("TASN_SAMPLER", "auto")
-    if impl not in IMPLS:
-        raise ValueError(f"sampler impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl not in SAMPLER_IMPLS:
+        raise ValueError(f"sampler impl must be one of {', '.join(SAMPLER_IMPLS)}, got {impl!r}")
     if impl == "reference" or not images.is_cuda:
         if impl == "fused":
             raise ValueError("the fused sampler needs CUDA tensors; these are on " + str(images.device))

@@ -1,0 +1,28 @@
+"""The names a configuration value may take, one registry per kind of name.
+
+Each kind is a `Literal` type (what the config's dataclass fields are annotated with, so the loader
+and the type checker both know the allowed values) and the tuple of its values (what the code that
+dispatches on the name checks against). The model, the sampler and the training loop import their
+tuple from here, the config its `Literal`: a new backbone is added in one place. This module imports
+nothing but `typing`, so `tasn.model` and `tasn.ops` can use it without the MLOps stack.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+ModelKind = Literal["tasn", "baseline"]
+# The shared (part/master) backbone. `resnet18-slim` is ResNet-18 at a quarter of its widths.
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet18-slim"]
+# The attention net's trunk: BasicBlock ResNets only (its stride surgery and 512-channel head assume them).
+AttentionBackbone = Literal["resnet18", "resnet34", "resnet18-slim"]
+# BatchNorm while training: per process, synchronised across processes (CUDA), or frozen running stats.
+BatchNormMode = Literal["local", "sync", "frozen"]
+# The attention sampler: the fused CUDA op when available, the PyTorch reference, or the op (required).
+SamplerImpl = Literal["auto", "reference", "fused"]
+
+MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+ATTENTION_BACKBONES: tuple[str, ...] = get_args(AttentionBackbone)
+BATCHNORM_MODES: tuple[str, ...] = get_args(BatchNormMode)
+SAMPLER_IMPLS: tuple[str, ...] = get_args(SamplerImpl)

@@ -1,0 +1,194 @@
+"""Reading a config: the params file, a profile over it, `-S section.key=value` overrides on top.
+
+A params file holds one section per stage (params.yaml; DVC reads it for `params:` dependencies).
+A profile is a partial overlay in its own file, `profiles/NAME.yaml` next to the params file (or
+any `.yaml` path), so that DVC sees only the run's real parameters. Every key is checked against
+the dataclasses of `tasn.config.schema` and every value against its field's rule, so a misspelt
+key, a duplicated key, a value of the wrong type or out of bounds fails before any work starts,
+with the file, line or key named.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasn.config.rules import check, coerce, field_types
+from tasn.config.schema import Config
+from tasn.errors import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+PROFILES_DIR = "profiles"  # next to the params file
+PARAMS_ENV = "TASN_PARAMS"  # the installed params file (the image's); its profiles/ sit beside it
+PROFILES_ENV = "TASN_PROFILES"  # the profiles for params handed over as text (run-local: the caller's)
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}:{line}: duplicate key {key!r} (first at line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`; an empty file is an empty mapping. Clear errors for a missing
+    file, invalid YAML, duplicate keys and anything that is not a mapping."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    text = path.read_text()
+    try:
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def find_params(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The params file to read: `explicit` (which must exist), else params.yaml in the working
+    directory if there is one, else None (the defaults, which are what params.yaml holds)."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"--params {path}: no such file")
+        return path
+    default = Path(DEFAULT_PARAMS)
+    return default if default.is_file() else None
+
+
+def profile_path(profile: str, params: Path | None) -> Path:
+    """`NAME` -> profiles/NAME.yaml beside the params file (the working directory without one);
+    a path ending in .yaml / .yml is taken as it is."""
+    if profile.endswith((".yaml", ".yml")):
+        return Path(profile)
+    if not _PROFILE_NAME.match(profile):
+        raise ConfigError(f"profile {profile!r}: a profile is a name (profiles/NAME.yaml) or a path to a .yaml file")
+    return (params.parent if params is not None else Path()) / PROFILES_DIR / f"{profile}.yaml"
+
+
+def available_profiles(params: Path | None) -> list[str]:
+    folder = (params.parent if params is not None else Path()) / PROFILES_DIR
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def read_profile(profile: str, params: Path | None) -> dict[str, Any]:
+    path = profile_path(profile, params)
+    if not path.is_file():
+        known = ", ".join(available_profiles(params)) or "none"
+        raise ConfigError(f"profile {profile!r} is not in {path.parent} (profiles: {known})")
+    return read_yaml(path)
+
+
+def installed_params() -> Path:
+    """The params file of this installation: $TASN_PARAMS (the image sets it), else params.yaml here."""
+    return Path(os.environ.get(PARAMS_ENV, DEFAULT_PARAMS))
+
+
+def write_params(text: str, folder: Path) -> Path:
+    """Write params text handed over by a pipeline as `folder`/params.yaml, with a profiles folder
+    beside it ($TASN_PROFILES, else the installed params' profiles/), so that `--profile NAME`
+    finds the same profiles it finds next to the installed params file. Returns the file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / DEFAULT_PARAMS
+    path.write_text(text)
+    profiles = Path(os.environ.get(PROFILES_ENV) or installed_params().parent / PROFILES_DIR)
+    if profiles.is_dir() and not (folder / PROFILES_DIR).exists():
+        (folder / PROFILES_DIR).symlink_to(profiles.resolve(), target_is_directory=True)
+    return path
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.05` -> (["train", "lr"], 0.05); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"override {text!r}: the key must name a section, e.g. train.lr=0.05")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_override(raw: dict[str, Any], text: str) -> None:
+    keys, value = parse_override(text)
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {text!r}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """A config dataclass from a mapping: unknown keys and wrong values are named."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known, key=str)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; known keys of {prefix.rstrip('.') or 'config'}: "
+            + ", ".join(sorted(known))
+        )
+    hints = field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        tp, name = hints[key], prefix + key
+        kwargs[key] = build(tp, value, name + ".") if dataclasses.is_dataclass(tp) else coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Defaults <- the params file at `path` (None: no file) <- the profile <- the overrides,
+    checked as a whole before it is returned."""
+    params = Path(path) if path is not None else None
+    raw = read_yaml(params) if params is not None else {}
+    if "profiles" in raw:
+        raise ConfigError(f"{params}: profiles do not live in the params file; "
+                          f"put each in {PROFILES_DIR}/NAME.yaml next to it")
+    if profile:
+        raw = _merge(raw, read_profile(profile, params))
+    for text in overrides:
+        _apply_override(raw, text)
+    cfg: Config = build(Config, raw)
+    check(cfg)
+    return cfg

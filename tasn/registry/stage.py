@@ -1,0 +1,87 @@
+"""The registry stages, each from a config: `register` (a trained run's model becomes a new
+version, optionally gated), `promote` (the staging gate, or the move to production) and
+`promotion_history`. Each points MLflow at the configured store first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tasn import tracking
+from tasn.config import Config
+from tasn.errors import TASNError
+from tasn.io import atomic_write_json, read_json
+from tasn.registry.gate import require_reason
+from tasn.registry.history import history
+from tasn.registry.promotion import Decision, gate, to_production
+from tasn.registry.tags import PRODUCTION
+from tasn.registry.versions import register_version
+
+REGISTRATION = "registration.json"  # the new version, and the gate's decision when asked to promote
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    out_dir: Path
+    registration: dict[str, Any]  # what registration.json holds
+    decision: Decision | None  # the staging gate's, when asked to promote
+
+
+def register(cfg: Config, run_json: str | os.PathLike[str], metrics_json: str | os.PathLike[str],
+             out_dir: str | os.PathLike[str], *, name: str | None = None, promote: bool = False) -> RegisterResult:
+    """Register the model of the run in `run_json` (train's run.json) with the metrics of
+    `metrics_json` (evaluate's metrics.json) as a new version of `name` (default
+    `register.model_name`), in the MLflow store the run lives in unless `tracking.uri` says
+    otherwise; with `promote`, run the staging gate. Writes registration.json to `out_dir`.
+    A refusal is a recorded decision, not a failure."""
+    run = tracking.RunInfo.read(run_json, "--run-json")
+    metrics = read_json(metrics_json, "--metrics")
+    if not (run.run_id and run.model_uri):
+        missing = [k for k in ("run_id", "model_uri") if not getattr(run, k)]
+        raise TASNError(f"--run-json {run_json}: no {' or '.join(missing)} (was the training run tracked in MLflow?)")
+    tracking.setup(cfg.tracking, run.tracking_uri)
+    model_name = name or cfg.register.model_name
+    mv = register_version(run.run_id, run.model_uri, metrics, model_name)
+    registration: dict[str, Any] = {
+        "name": model_name, "version": str(mv.version), "run_id": run.run_id, "model_uri": run.model_uri,
+        "primary_metric": cfg.register.primary_metric, "decision": "not gated",
+        "reason": "registered without --promote", "candidate": None, "incumbent": None,
+    }
+    decision = None
+    if promote:
+        decision = gate(model_name, mv.version, alias=cfg.register.alias, primary_metric=cfg.register.primary_metric)
+        registration.update({k: v for k, v in decision.to_dict().items() if k != "name"})
+    out = Path(out_dir)
+    atomic_write_json(out / REGISTRATION, registration)
+    return RegisterResult(out, registration, decision)
+
+
+def promote(cfg: Config, version: str | None, *, name: str | None = None,
+            to: Literal["staging", "production"] = "staging", force: bool = False, reason: str | None = None,
+            dry_run: bool = False, decision_file: str | os.PathLike[str] | None = None) -> Decision:
+    """Staging: the champion/challenger gate for `version` (alias `register.alias`). Production:
+    move the version holding `register.alias` on (`version`, if given, must be that one). With
+    `decision_file` the decision is also written there as JSON (what a pipeline's gate reads)."""
+    require_reason(force, reason)
+    if to != PRODUCTION and version is None:
+        raise TASNError("--version is required to promote to staging")
+    tracking.setup(cfg.tracking)
+    model_name = name or cfg.register.model_name
+    if to == PRODUCTION:
+        decision = to_production(model_name, version, source_alias=cfg.register.alias, reason=reason, dry_run=dry_run)
+    else:
+        assert version is not None
+        decision = gate(model_name, version, alias=cfg.register.alias, primary_metric=cfg.register.primary_metric,
+                        force=force, reason=reason, dry_run=dry_run)
+    if decision_file:
+        atomic_write_json(decision_file, decision.to_dict())
+    return decision
+
+
+def promotion_history(cfg: Config, name: str | None = None) -> dict[str, Any]:
+    """`tasn.registry.history.history` of `name` (default `register.model_name`)."""
+    tracking.setup(cfg.tracking)
+    return history(name or cfg.register.model_name)

@@ -1,0 +1,86 @@
+"""What the training stage leaves in its output folder, and the result it returns.
+
+Every file name is a constant here (the CLI, dvc.yaml, the KFP components and the tests use them).
+Rank 0 writes each file atomically at the end of the run; checkpoints and pictures are written
+during it. The model is also logged to the MLflow run, and `run.json` says where that run lives.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from tasn import checkpoint, viz
+from tasn.config import Config
+from tasn.io import atomic_write_json, atomic_write_text
+from tasn.predict import Predictor, log_model
+from tasn.tracking import Run, RunInfo
+
+MODEL = "model.pt"  # weights + resolved config + class names (tasn.checkpoint.load_model reads it)
+METRICS = "metrics.json"  # final test metrics and the training summary (DVC metrics:)
+RUN = "run.json"  # tasn.tracking.RunInfo: the MLflow run and the logged model's URI
+HISTORY = "history.csv"  # one row per epoch (DVC plots:)
+STEPS = "steps.csv"  # one row per logged optimizer step
+CURVES = "learning_curves.png"
+CHECKPOINTS = "checkpoints"  # folder of ckpt-<step>.pt (train.checkpoint_dir, when set, instead)
+PICTURES = "pictures"  # folder of attention_epoch_<n>.png
+ATTENTION_ARTIFACTS = "attention"  # the same pictures' folder in the MLflow run
+LOGGED_FILES = (METRICS, HISTORY, CURVES)  # also logged as artifacts of the MLflow run
+
+
+def picture_name(epoch: int) -> str:
+    """The attention picture of a 1-based epoch."""
+    return f"attention_epoch_{epoch:03d}.png"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `train` returns on every rank: the output folder, metrics.json, run.json."""
+
+    out_dir: Path
+    metrics: dict[str, Any]  # what metrics.json holds
+    run: RunInfo  # what run.json holds
+
+    def summary(self) -> dict[str, Any]:
+        """metrics.json and run.json together, plus the output folder: what `tasn train` prints."""
+        return {**self.metrics, **self.run.to_dict(), "out": str(self.out_dir)}
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(out_dir: Path, model: nn.Module, cfg: Config, classes: list[str], metrics: dict[str, float],
+                  train_loss: float, history: list[dict[str, Any]], steps: list[dict[str, Any]], step: int,
+                  run: Run | None) -> TrainResult:
+    """Rank 0, at the end: model.pt, metrics.json, history.csv, steps.csv, the learning curves,
+    the MLflow model (when tracked) and run.json, each written atomically."""
+    checkpoint.save_model(str(out_dir / MODEL), model, cfg.to_dict(), classes, epochs=len(history), steps=step)
+    primary = str(model.primary_head)
+    summary = {**metrics, "train_loss": train_loss, "epochs": len(history), "steps": step,
+               "primary_head": primary, "top1": metrics.get(f"{primary}_top1"), "kind": cfg.model.kind}
+    atomic_write_json(out_dir / METRICS, summary)
+    atomic_write_text(out_dir / HISTORY, csv_text(history))
+    atomic_write_text(out_dir / STEPS, csv_text(steps))
+    if history:
+        viz.save_figure(viz.learning_curves(history, primary), out_dir / CURVES)
+    info = RunInfo()
+    if run is not None:
+        for name in LOGGED_FILES:
+            if (out_dir / name).exists():
+                run.log_artifact(out_dir / name)
+        predictor = Predictor(model.cpu(), classes, cfg.model.input_size, cfg.preprocess.size)
+        logged = run.log_model(lambda: log_model(predictor))
+        info = RunInfo(run.run_id, run.experiment_id, run.uri, logged.model_uri if logged else None)
+    atomic_write_json(out_dir / RUN, info.to_dict())
+    return TrainResult(out_dir, summary, info)

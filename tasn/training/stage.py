@@ -1,0 +1,119 @@
+"""`train`: the training stage, from a prepared dataset to model.pt, metrics and an MLflow run.
+
+`_train` reads top to bottom like torchvision's references/classification `main`: determinism and
+seeds, data, model, optimizer and schedule, resume, wrap for DDP, start tracking, then the epochs
+(train, end of epoch) and the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+from tasn import checkpoint, distributed, tracking
+from tasn.config import Config, check
+from tasn.errors import DataError
+from tasn.model import build_loss, build_model
+from tasn.training.loop import Loop
+from tasn.training.modes import configure_determinism, place
+from tasn.training.optim import build_optimizer, build_scheduler
+from tasn.training.outputs import CHECKPOINTS, TrainResult, write_outputs
+from tasn.training.sampling import load_data, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+          resume: str | None = None) -> TrainResult:
+    """Train `cfg.model` on the prepared data at `data_dir`; write the outputs to `out_dir`.
+
+    `resume`: None = `cfg.train.resume`; "auto" = the newest checkpoint in the checkpoint folder
+    (what an elastic torchrun restart wants); "never"; or a checkpoint path / s3:// URI.
+    Returns the result on every rank; only rank 0 writes files.
+    """
+    check(cfg)
+    data, out = Path(data_dir), Path(out_dir)
+    if not data.is_dir():
+        raise DataError(f"--data {data}: no such directory (run `tasn preprocess` first)")
+    ctx = distributed.init()
+    if not ctx.is_main:
+        logging.getLogger("tasn").setLevel(logging.WARNING)
+    try:
+        if ctx.is_main and cfg.tracking.enabled:
+            tracking.setup(cfg.tracking)  # fail fast, before any data or model work
+        return _train(cfg, data, out, resume or cfg.train.resume, ctx)
+    finally:
+        distributed.cleanup()
+
+
+def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distributed.Context) -> TrainResult:
+    t = cfg.train
+    configure_determinism(t.deterministic)
+    seed_everything(t.seed)
+    data = load_data(cfg, data_dir, ctx)
+    model = place(build_model(cfg.model, len(data.classes)), t, ctx)  # identical on every rank: same seed
+    seed_everything(t.seed + 1000 * ctx.rank)  # ranks draw independent random numbers from here
+    optimizer = build_optimizer(model.parameters(), t)
+    scheduler = build_scheduler(optimizer, t)
+    loss_fn = build_loss(cfg.model, cfg.loss).to(ctx.device)
+    loop = Loop(cfg, ctx, model, loss_fn, optimizer, scheduler, data.classes,
+                ckpt_dir=t.checkpoint_dir or str(out_dir / CHECKPOINTS))
+
+    source = checkpoint.resume_source(resume, loop.ckpt_dir, loop.endpoint) if ctx.is_main else None
+    source = distributed.broadcast_object(source)
+    if source:
+        loop.restore(checkpoint.load_checkpoint(source, loop.endpoint))
+        log.info("resuming from %s at epoch %d, batch %d, step %d", source, loop.pos.epoch + 1, loop.pos.batch,
+                 loop.pos.step)
+    if ctx.distributed:
+        loop.model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    if ctx.is_main and cfg.tracking.enabled:
+        loop.run = start_run(cfg, data_dir, ctx, loop.run_id)
+        loop.run_id = loop.run.run_id
+    pictures = data.pictures(t.picture_images) if ctx.is_main else None
+
+    status = "FAILED"
+    try:
+        metrics: dict[str, float] = {}
+        train_loss = math.nan
+        while not loop.done():
+            train_loss = loop.train_epoch(data.epoch_loader(loop.pos.epoch, loop.pos.batch), data.batches_per_epoch)
+            metrics = loop.end_epoch(train_loss, data.test_loader, data.batches_per_epoch, pictures, out_dir)
+        if not metrics:  # resumed a finished run: nothing trained, evaluate what there is
+            metrics = loop.evaluate(data.test_loader)
+            train_loss = loop.history[-1]["train_loss"] if loop.history else math.nan
+        result = None
+        if ctx.is_main:
+            result = write_outputs(out_dir, loop.net, cfg, data.classes, metrics, train_loss, loop.history,
+                                   loop.steps, loop.pos.step, loop.run)
+        status = "FINISHED"
+        distributed.barrier()
+        final = distributed.broadcast_object(result)  # rank 0's, on every rank
+        assert final is not None
+        return final
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if loop.run is not None:
+            loop.run.end(status)
+
+
+def start_run(cfg: Config, data_dir: Path, ctx: distributed.Context, run_id: str | None) -> tracking.Run:
+    """The MLflow run (continued when a checkpoint names one): lineage tags and the whole config."""
+    tags = {
+        "git.commit": tracking.git_commit(),
+        "data.version": tracking.data_version() or "untracked",
+        "data.path": str(data_dir),
+        "model.kind": cfg.model.kind,
+        "world_size": str(ctx.world_size),
+        "device": str(ctx.device.type),
+    }
+    run = tracking.Run(cfg.tracking, tags, run_id=run_id, run_name=f"{cfg.model.kind}-{cfg.model.backbone}")
+    run.log_params({**cfg.flat(), "data.dir": str(data_dir), "world_size": ctx.world_size})
+    return run
