@@ -13,7 +13,7 @@ help:
 	@echo "make run     - install if needed, pull the embedded sample through DVC, run the whole pipeline (dvc repro)"
 	@echo "make test    - install if needed (Python packages and the test servers), run the test suite"
 	@echo "make bench   - CPU benchmarks (sampler, loader, train step); GPU: benchmarks/gpu_check.sh"
-	@echo "make lint    - byte-compile and look for copy-paste twins"
+	@echo "make lint    - ruff, mypy, byte-compile, and look for copy-paste twins"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,8 +48,15 @@ bench: install
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train_step.py
 
+LINTED := tasn components pipelines benchmarks tests scripts infra/crds/generate.py
+
+# ruff and mypy read their settings from pyproject.toml; the tests are type-checked without
+# check_untyped_defs (their bodies carry no annotations).
 lint: install
-	$(BIN)/python -m compileall -q tasn components pipelines benchmarks tests
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/mypy
+	$(BIN)/mypy --no-check-untyped-defs tests
+	$(BIN)/python -m compileall -q $(LINTED)
 	-duplicates --repo . --most 20 2>/dev/null
 
 clean:

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="a prepared dataset (default: generate the synthetic one)")
-    ap.add_argument("--profile", default=None if cuda else "smoke", help="params.yaml profile (default: demo on CUDA, smoke on CPU)")
+    ap.add_argument("--profile", default=None if cuda else "smoke",
+                    help="profile over params.yaml (default: none, the demo, on CUDA; smoke on CPU)")
     ap.add_argument("--epochs", type=int, default=20 if cuda else 1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2] if cuda else [0])
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="extra config override")
@@ -95,8 +96,8 @@ def main(argv=None) -> int:
     if cuda:
         overrides += ["train.batch_size=32", "train.workers=8", "evaluate.workers=8", "evaluate.batch_size=64"]
     results = []
-    with tempfile.TemporaryDirectory(prefix="tasn-details-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="tasn-details-") as tmp_name:
+        tmp = Path(tmp_name)
         data = args.data or prepare(args.profile, tmp / "data")
         for seed in args.seeds:
             for kind in ("tasn", "baseline"):

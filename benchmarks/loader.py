@@ -71,7 +71,8 @@ def main() -> None:
         results["images"] = summary["images"]
         results["prepared_mb"] = round(summary["bytes"] / 2**20, 2)
         for workers in args.workers:
-            rate = _loader_rate(Path(tmp) / "prepared", cfg.model.input_size, workers, args.batches, cfg.train.batch_size)
+            rate = _loader_rate(Path(tmp) / "prepared", cfg.model.input_size, workers, args.batches,
+                                cfg.train.batch_size)
             results[f"loader_images_per_s_workers_{workers}"] = round(rate, 1)
             results[f"loader_images_per_s_per_worker_{workers}"] = round(rate / max(1, workers), 1)
     print(json.dumps(results, indent=2))

@@ -104,13 +104,13 @@ def bench_cuda(args) -> list[dict]:
         if dtype == torch.float32:  # a training step runs the backward too
             weight = torch.rand(args.n, 3, args.out, args.out, device="cuda")
             ref_ms = None
-            for name, fn in (("reference (composed ops)", reference_attention_sample),
+            for name, op in (("reference (composed ops)", reference_attention_sample),
                              ("fused op", torch.ops.tasn.attention_sample)):
                 x = images.clone().requires_grad_()
 
-                def step(fn=fn, x=x):
+                def step(op=op, x=x):
                     x.grad = None
-                    (fn(x, att, *call) * weight).sum().backward()
+                    (op(x, att, *call) * weight).sum().backward()
 
                 ms = time_cuda(step, args.runs)
                 ref_ms = ref_ms or ms

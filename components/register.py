@@ -21,7 +21,7 @@ def register(
     profile: str,
     overrides: list,
     registration: Output[Artifact],
-) -> NamedTuple("Registered", name=str, version=str):
+) -> NamedTuple("Registered", name=str, version=str):  # type: ignore[valid-type]  # KFP's output form
     """Register the run's model in the MLflow registry (no promotion here)."""
     from collections import namedtuple
 
@@ -36,7 +36,8 @@ def register(
         params_yaml, profile, overrides,
     )
     record = read_json(f"{registration.path}/{REGISTRATION}")
-    return namedtuple("Registered", ["name", "version"])(str(record["name"]), str(record["version"]))
+    Registered = namedtuple("Registered", ["name", "version"])
+    return Registered(str(record["name"]), str(record["version"]))
 
 
 @dsl.component(base_image=TASN_IMAGE, install_kfp_package=False)

@@ -16,8 +16,8 @@ from components import TASN_IMAGE
 
 
 @dsl.component(base_image=TASN_IMAGE, install_kfp_package=False)
-def train_plan(num_nodes: int, gpus_per_node: int, cpu: str, memory: str) -> NamedTuple(
-    "Plan", gpus=int, cpu=str, memory=str
+def train_plan(num_nodes: int, gpus_per_node: int, cpu: str, memory: str) -> NamedTuple(  # type: ignore[valid-type]
+    "Plan", gpus=int, cpu=str, memory=str  # KFP reads its outputs from this functional NamedTuple
 ):
     """The train task's own requests: all of (G, cpu, memory) on one node, a launcher's otherwise.
 
@@ -27,7 +27,8 @@ def train_plan(num_nodes: int, gpus_per_node: int, cpu: str, memory: str) -> Nam
 
     from components.runtime import train_requests
 
-    return namedtuple("Plan", ["gpus", "cpu", "memory"])(*train_requests(num_nodes, gpus_per_node, cpu, memory))
+    Plan = namedtuple("Plan", ["gpus", "cpu", "memory"])
+    return Plan(*train_requests(num_nodes, gpus_per_node, cpu, memory))
 
 
 @dsl.component(base_image=TASN_IMAGE, install_kfp_package=False)

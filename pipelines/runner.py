@@ -103,7 +103,8 @@ def run_local(data: str | os.PathLike[str], params: str | os.PathLike[str] | Non
             warnings.filterwarnings("ignore", message=".*non-Python base image")
             build_pipeline(retries=0)(**arguments)
     except RuntimeError as exc:  # kfp.local: "Pipeline 'tasn' finished with status FAILURE ..."
-        raise TASNError(f"the local pipeline run failed: {_plain(exc)} (task logs above; outputs under {root})") from exc
+        raise TASNError(f"the local pipeline run failed: {_plain(exc)} (task logs above; outputs under {root})"
+                        ) from exc
     return {"pipeline_root": str(root), "seconds": time.monotonic() - start}
 
 

@@ -44,7 +44,7 @@ def build_pipeline(retries: int = RETRIES):
         data_uri: str,
         params_yaml: str = "",
         profile: str = "",
-        overrides: list = [],
+        overrides: list = [],  # noqa: B006  (KFP compiles the default into the pipeline spec; never mutated)
         image: str = TASN_IMAGE,
         num_nodes: int = 1,
         gpus_per_node: int = 0,

@@ -102,11 +102,13 @@ TIDY_JS = """(() => {
   const click = sel => { const e = document.querySelector(sel); if (e) e.click(); return !!e; };
   click('button[aria-label="Parameters - Show diff only"]');
   click('button[data-component-id="mlflow.assistant.chat_panel.close"]');
-  const viz = Array.from(document.querySelectorAll('*')).filter(e => e.innerText && e.innerText.trim() === 'Visualizations');
+  const viz = Array.from(document.querySelectorAll('*'))
+    .filter(e => e.innerText && e.innerText.trim() === 'Visualizations');
   if (viz.length) viz[viz.length - 1].click();
   return true;
 })()"""
-BOTTOM_JS = """(() => { const m = Array.from(document.querySelectorAll('*')).filter(e => e.innerText && e.innerText.trim() === 'Artifacts');
+BOTTOM_JS = """(() => { const m = Array.from(document.querySelectorAll('*'))
+  .filter(e => e.innerText && e.innerText.trim() === 'Artifacts');
   return m.length ? m[m.length - 1].getBoundingClientRect().top : null; })()"""
 
 
@@ -131,7 +133,7 @@ def screenshot(url: str, out: Path, width: int, wait_s: float) -> None:
                     break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise SystemExit("chromium's DevTools endpoint did not answer")
+                        raise SystemExit("chromium's DevTools endpoint did not answer") from None
                     time.sleep(0.3)
             page = next(t for t in targets if t["type"] == "page")
             ws = websocket.create_connection(page["webSocketDebuggerUrl"], suppress_origin=True, timeout=120)

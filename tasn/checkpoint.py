@@ -74,7 +74,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- training checkpoints --------------------------------------------------------------------
 
-def save_checkpoint(state: dict[str, Any], directory: str, step: int, keep: int = 2, endpoint: str | None = None) -> str:
+def save_checkpoint(state: dict[str, Any], directory: str, step: int, keep: int = 2,
+                    endpoint: str | None = None) -> str:
     """Write `state` as `<directory>/ckpt-<step>.pt` and delete all but the `keep` newest."""
     uri = storage.join(directory, checkpoint_name(step))
     storage.write_bytes(uri, to_bytes(state), endpoint=endpoint)

@@ -47,10 +47,8 @@ def init(timeout_s: float = 1800.0) -> Context:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, timeout=datetime.timedelta(seconds=timeout_s),
-            **({"device_id": device} if device.type == "cuda" else {}),
-        )
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
         log.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, device)
     return Context(rank, world_size, local_rank, device)
 

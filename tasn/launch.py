@@ -27,9 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client as k8s_client
@@ -172,7 +172,8 @@ def render_pytorchjob(spec: TrainJobSpec, name: str, environ: dict[str, str] | N
 
     def replicas(n: int) -> dict[str, Any]:
         return {"replicas": n, "restartPolicy": "OnFailure",
-                "template": {"metadata": {"labels": dict(LABELS)}, "spec": {**_pod_spec(spec), "containers": [container]}}}
+                "template": {"metadata": {"labels": dict(LABELS)},
+                             "spec": {**_pod_spec(spec), "containers": [container]}}}
 
     specs = {"Master": replicas(1)}
     if spec.num_nodes > 1:
@@ -285,7 +286,8 @@ def follow(
         if _condition(obj, k.done):
             log.info("%s: %s", what, k.done)
             return obj
-        state = [c.get("type") for c in (obj.get("status") or {}).get("conditions") or [] if str(c.get("status")) == "True"]
+        conditions = (obj.get("status") or {}).get("conditions") or []
+        state = [c.get("type") for c in conditions if str(c.get("status")) == "True"]
         if state != last_state:
             log.info("%s: %s", what, ", ".join(state) or "pending")
             last_state = state
@@ -316,7 +318,8 @@ def kube_api() -> k8s_client.CustomObjectsApi:
         try:
             k8s_config.load_kube_config()
         except Exception as exc:  # no kubeconfig, bad context
-            raise ServiceError(f"no Kubernetes API to create the TrainJob on (no in-cluster config, no kubeconfig): {exc}") from exc
+            raise ServiceError("no Kubernetes API to create the TrainJob on (no in-cluster config, "
+                               f"no kubeconfig): {exc}") from exc
     return k8s_client.CustomObjectsApi()
 
 

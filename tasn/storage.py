@@ -5,7 +5,8 @@ MinIO); the training loop should not care which. Local writes are atomic (`tasn.
 atomic by nature (a reader sees the old object or the new one). The S3 endpoint comes from the
 `endpoint` argument (config `tracking.s3_endpoint`), else `MLFLOW_S3_ENDPOINT_URL` or
 `AWS_ENDPOINT_URL` from the environment, else AWS itself; keys come from the usual boto3 chain
-(environment, profile, instance role), never from config files.
+(environment, profile, instance role), never from config files. boto3 is imported on the first S3
+call: local-only users, and `tasn.model` (which reads weights through here), never load it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def resolve_endpoint(endpoint: str | None = None) -> str | None:
 @functools.lru_cache(maxsize=8)
 def _client(endpoint: str | None, _key_id: str | None = None):
     """One client per endpoint and access key id (so a changed environment is honoured)."""
-    import boto3  # lazy: only S3 users need it
+    import boto3
     from botocore.config import Config
 
     retries = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60)

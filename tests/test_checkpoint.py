@@ -10,6 +10,7 @@ import torch
 
 from tasn import checkpoint, storage
 from tasn.config import Config
+from tasn.model import build_model
 
 
 def _draws():
@@ -51,8 +52,6 @@ def test_a_foreign_file_is_named_in_the_error(tmp_path):
 
 @pytest.mark.parametrize("kind", ["baseline", "tasn"])
 def test_model_file_rebuilds_the_same_network(tmp_path, kind):
-    from tasn.model import build_model
-
     cfg = Config()
     cfg.model.kind, cfg.model.backbone, cfg.model.att_backbone = kind, "resnet18-slim", "resnet18-slim"
     cfg.model.att_head_channels, cfg.model.att_size, cfg.model.out_size = 16, 32, 32

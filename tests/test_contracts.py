@@ -88,7 +88,7 @@ def test_components_use_the_constants_not_literals(path):
 
 
 def test_the_components_import_the_names_of_the_outputs_they_read():
-    imported: dict[str, set[str]] = {}
+    imported = {}
     for path in (ROOT / "components").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasn."):

@@ -33,7 +33,8 @@ def test_dataset_reads_split_with_labels_and_classes(prepared):
     assert train.labels == sorted(list(range(TINY.classes)) * TINY.train_per_class)
     m = pd.read_parquet(prepared / MANIFEST)
     row = m[m.split == "test"].iloc[1]
-    direct = Image.open(io.BytesIO((prepared / row.shard).read_bytes()[row.offset : row.offset + row.length])).convert("RGB")
+    stored = (prepared / row.shard).read_bytes()[row.offset : row.offset + row.length]
+    direct = Image.open(io.BytesIO(stored)).convert("RGB")
     assert np.array_equal(np.asarray(test.image(1)), np.asarray(direct))
     x, y = test[1]
     assert y == row.label and x.dtype == torch.float32 and x.shape == (3, row.height, row.width)
@@ -65,7 +66,8 @@ def test_eval_transform_is_a_normalised_centre_crop():
     expected = (torch.from_numpy(arr[top : top + 40, left : left + 40]).permute(2, 0, 1).float() / 255
                 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     assert torch.allclose(x, expected, atol=1e-6)
-    assert torch.allclose(denormalize(x), expected * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1), atol=1e-6)
+    unnormalised = expected * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+    assert torch.allclose(denormalize(x), unnormalised, atol=1e-6)
     assert eval_transform(40, resize=50)(Image.fromarray(arr)).shape == (3, 40, 40)  # 60x90 -> 50x75 -> 40x40
     batch = torch.stack([x, x])
     assert torch.equal(denormalize(batch)[1], denormalize(x))

@@ -11,8 +11,8 @@ from PIL import Image
 
 from tasn.cli import main
 from tasn.data.importers import import_folder, stratified_split
-from tasn.data.preprocess import CLASSES, MANIFEST
 from tasn.data.layout import check_layout, read_layout
+from tasn.data.preprocess import CLASSES, MANIFEST
 from test_data_support import make_cub_tree
 
 PARAMS = "validate: {min_side: 32, workers: 1}\npreprocess: {size: 40, workers: 1}\nmodel: {input_size: 32}\n"

@@ -10,6 +10,9 @@ import pytest
 from PIL import Image
 
 from tasn.config import PreprocessConfig, SynthConfig, ValidateConfig
+from tasn.data.layout import check_layout, read_layout
+from tasn.data.synth import generate
+from tasn.errors import DataError
 
 TINY = SynthConfig(classes=4, train_per_class=2, test_per_class=1, min_side=96, max_side=128, seed=3, jpeg_quality=90)
 TINY_PREP = PreprocessConfig(size=64, jpeg_quality=90, workers=1)
@@ -17,8 +20,6 @@ TINY_VALIDATE = ValidateConfig(min_side=32, workers=1)
 
 
 def tiny_synth(dest: Path, cfg: SynthConfig = TINY) -> Path:
-    from tasn.data.synth import generate
-
     generate(dest, cfg, workers=1)
     return dest
 
@@ -37,7 +38,7 @@ def make_cub_tree(root: Path, n_classes: int = 3, train: int = 3, test: int = 2,
     """A small CUB-200-2011-shaped tree, with the bounding_boxes.txt and parts/ that importers ignore."""
     rng = np.random.default_rng(seed)
     names = ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Groove_billed_Ani", "Crested_Auklet"]
-    lines = {"images": [], "labels": [], "split": [], "classes": [], "boxes": []}
+    lines: dict[str, list[str]] = {"images": [], "labels": [], "split": [], "classes": [], "boxes": []}
     image_id = 0
     for c in range(n_classes):
         cdir = f"{c + 1:03d}.{names[c]}"
@@ -46,7 +47,8 @@ def make_cub_tree(root: Path, n_classes: int = 3, train: int = 3, test: int = 2,
         for k in range(train + test):
             image_id += 1
             rel = f"{cdir}/{names[c]}_{k + 1:04d}_{image_id}.jpg"
-            (root / "images" / rel).write_bytes(jpeg_bytes(noise_image(rng, int(rng.integers(60, 90)), int(rng.integers(60, 90)))))
+            h, w = int(rng.integers(60, 90)), int(rng.integers(60, 90))
+            (root / "images" / rel).write_bytes(jpeg_bytes(noise_image(rng, h, w)))
             lines["images"].append(f"{image_id} {rel}")
             lines["labels"].append(f"{image_id} {c + 1}")
             lines["split"].append(f"{image_id} {int(k < train)}")
@@ -60,8 +62,6 @@ def make_cub_tree(root: Path, n_classes: int = 3, train: int = 3, test: int = 2,
 
 
 def test_make_cub_tree_is_a_consistent_layout(tmp_path):
-    from tasn.data.layout import check_layout, read_layout
-
     layout = read_layout(make_cub_tree(tmp_path / "cub"))
     check_layout(layout)
     assert len(layout.images) == 15
@@ -70,9 +70,6 @@ def test_make_cub_tree_is_a_consistent_layout(tmp_path):
 
 
 def test_read_layout_rejects_unparseable_lines(tmp_path):
-    from tasn.data.layout import read_layout
-    from tasn.errors import DataError
-
     root = make_cub_tree(tmp_path / "cub")
     (root / "image_class_labels.txt").write_text("1 1\n2 two\n")
     with pytest.raises(DataError, match=r"image_class_labels.txt:2: expected '<id> <int>', got '2 two'"):

@@ -12,6 +12,7 @@ from PIL import Image
 from tasn.config import ConfigError
 from tasn.data import synth
 from tasn.data.layout import check_layout, read_layout
+from tasn.data.synth import generate
 from test_data_support import TINY, tiny_synth
 
 
@@ -41,7 +42,6 @@ def test_synth_writes_a_valid_cub_layout(tmp_path):
 
 def test_synth_is_deterministic_across_worker_counts(tmp_path):
     a = tiny_synth(tmp_path / "a")
-    from tasn.data.synth import generate
 
     generate(tmp_path / "b", TINY, workers=2)
     assert _digest(a) == _digest(tmp_path / "b")
@@ -63,7 +63,8 @@ def test_class_table_covers_classes_with_distinct_part_combinations():
 def _resize_short(arr: np.ndarray, short: int) -> np.ndarray:
     img = Image.fromarray(arr)
     s = short / min(img.size)
-    return np.asarray(img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC), dtype=np.float32)
+    resized = img.resize((round(img.width * s), round(img.height * s)), Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.float32)
 
 
 @pytest.mark.parametrize("part,levels", [("wing", (0, 1)), ("wing", (0, 2)), ("eye", (0, 1)), ("beak", (0, 1))])

@@ -32,8 +32,9 @@ def good(tmp_path_factory):
     base = tmp_path_factory.mktemp("val")
     raw = tiny_synth(base / "raw")
     (base / "params.yaml").write_text(PARAMS)
-    assert main(["validate", "--params", str(base / "params.yaml"), "--data", str(raw), "--report-dir", str(base / "report")]) == 0
-    assert main(["preprocess", "--params", str(base / "params.yaml"), "--data", str(raw), "--out", str(base / "prep")]) == 0
+    params = str(base / "params.yaml")
+    assert main(["validate", "--params", params, "--data", str(raw), "--report-dir", str(base / "report")]) == 0
+    assert main(["preprocess", "--params", params, "--data", str(raw), "--out", str(base / "prep")]) == 0
     return base
 
 
@@ -107,7 +108,8 @@ def _duplicate_id(raw):
 def _no_test_image(raw):
     p = raw / "train_test_split.txt"
     per = TINY.train_per_class + TINY.test_per_class  # class 2 holds ids per+1 .. 2*per
-    p.write_text("\n".join(f"{line.split()[0]} 1" if per < int(line.split()[0]) <= 2 * per else line for line in _lines(p)) + "\n")
+    p.write_text("\n".join(f"{line.split()[0]} 1" if per < int(line.split()[0]) <= 2 * per else line
+                           for line in _lines(p)) + "\n")
     return "002.Checkered_wing_Ringed_eye"
 
 
@@ -123,9 +125,12 @@ CASES = {
     "zero_byte_file": (_empty, "decodable", "not decodable: file is empty (0 bytes)", "file is empty (0 bytes)"),
     "text_named_jpg": (_text, "decodable", "not decodable: not an image", "not an image"),
     "listed_but_missing": (_missing, "exists", "listed in images.txt but missing", "listed in images.txt but missing"),
-    "present_but_unlisted": (_unlisted, "listed", "present but not listed in images.txt", "present but not listed in images.txt"),
-    "label_out_of_range": (_label_out_of_range, "label_in_range", "label id 99 out of range (classes.txt has ids 1..4)", "class id 99 is not in classes.txt"),
-    "duplicate_image_id": (_duplicate_id, "unique_id", "duplicate image id 2 in images.txt", "image id 2 is listed more than once"),
+    "present_but_unlisted": (_unlisted, "listed", "present but not listed in images.txt",
+                             "present but not listed in images.txt"),
+    "label_out_of_range": (_label_out_of_range, "label_in_range", "label id 99 out of range (classes.txt has ids 1..4)",
+                           "class id 99 is not in classes.txt"),
+    "duplicate_image_id": (_duplicate_id, "unique_id", "duplicate image id 2 in images.txt",
+                           "image id 2 is listed more than once"),
     "class_without_test_image": (_no_test_image, "test_per_class", "has 0 test image(s), needs >= 1", None),
     "same_bytes_train_and_test": (_leak, "no_leakage", "same image bytes in train and test (leakage", None),
 }

@@ -139,4 +139,5 @@ def test_dvc_repro_runs_everything_then_status_is_clean_and_experiments_work(tmp
     diff = json.loads(_dvc(repo, "params", "diff", "--json", env=env).stdout)
     assert diff["params.yaml"]["evaluate.topk"] == {"old": 5, "new": 3, "diff": -2}
     metrics_diff = json.loads(_dvc(repo, "metrics", "diff", "--all", "--json", env=env).stdout)
-    assert {f"outputs/train/{outputs.METRICS}", f"outputs/evaluate/{evaluate.METRICS}"} <= set(metrics_diff)  # HEAD's from the cache
+    # HEAD's metrics, from the cache
+    assert {f"outputs/train/{outputs.METRICS}", f"outputs/evaluate/{evaluate.METRICS}"} <= set(metrics_diff)

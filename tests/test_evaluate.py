@@ -9,16 +9,21 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
+from tasn.checkpoint import load_model, save_model
 from tasn.cli import main
+from tasn.data.dataset import PreparedDataset
 from tasn.data.preprocess import CLASSES, MANIFEST
+from tasn.data.transforms import eval_transform
 from tasn.errors import DataError
-from tasn.evaluate import CONFUSION_CSV, CONFUSION_PNG, METRICS, PER_CLASS, RUN_ARTIFACTS
+from tasn.evaluate import CONFUSION_CSV, CONFUSION_PNG, METRICS, PER_CLASS, RUN_ARTIFACTS, evaluate
+from tasn.model import build_model
 from tasn.training.outputs import MODEL, RUN
 
 
@@ -27,9 +32,6 @@ def cfg_for(*overrides):
 
 
 def save(tmp_path, kind: str, classes, name=MODEL, seed=0) -> Path:
-    from tasn.checkpoint import save_model
-    from tasn.model import build_model
-
     cfg = cfg_for(f"model.kind={kind}")
     torch.manual_seed(seed)
     path = tmp_path / name
@@ -43,13 +45,9 @@ def classes_of(data: Path) -> list[str]:
 
 def reference(model_path: Path, data: Path):
     """Each test image alone through the network: {head: (n, c) numpy logits}, labels."""
-    from tasn.checkpoint import load_model
-    from tasn.data.dataset import PreparedDataset
-    from tasn.data.transforms import eval_transform
-
     net, meta = load_model(str(model_path))
     ds = PreparedDataset(data, "test", eval_transform(meta["config"]["model"]["input_size"]))
-    heads = {h: [] for h in net.heads}
+    heads: dict[str, list[np.ndarray]] = {h: [] for h in net.heads}
     with torch.no_grad():
         for i in range(len(ds)):
             x, _ = ds[i]
@@ -76,7 +74,6 @@ def np_kl(p_logits, q_logits, t):
 
 @pytest.fixture(scope="module")
 def tasn_eval(smoke_data, tmp_path_factory):  # noqa: F811
-    from tasn.evaluate import evaluate
 
     tmp = tmp_path_factory.mktemp("eval-tasn")
     model = save(tmp, "tasn", classes_of(smoke_data))
@@ -120,7 +117,6 @@ def test_tables_and_picture(tasn_eval, smoke_data):  # noqa: F811
 
 
 def test_baseline_has_one_head_and_the_same_top1_key(smoke_data, tmp_path):  # noqa: F811
-    from tasn.evaluate import evaluate
 
     model = save(tmp_path, "baseline", classes_of(smoke_data))
     metrics = evaluate(cfg_for(), smoke_data, str(model), tmp_path / "out").metrics
@@ -131,7 +127,6 @@ def test_baseline_has_one_head_and_the_same_top1_key(smoke_data, tmp_path):  # n
 
 
 def test_bad_inputs_fail_clearly_and_keep_old_outputs(smoke_data, tmp_path, capsys):  # noqa: F811
-    from tasn.evaluate import evaluate
 
     out = tmp_path / "out"
     out.mkdir()
@@ -157,7 +152,6 @@ def test_bad_inputs_fail_clearly_and_keep_old_outputs(smoke_data, tmp_path, caps
 
 @pytest.mark.integration
 def test_cli_logs_to_the_training_run(smoke_data, tmp_path, mlflow_server, monkeypatch, capsys):  # noqa: F811
-    import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     mlflow.set_tracking_uri(mlflow_server.url)

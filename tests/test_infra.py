@@ -374,7 +374,8 @@ DOCKERFILES = {"cuda": INFRA / "docker" / "Dockerfile", "cpu": INFRA / "docker" 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in path.read_text().splitlines() if not l.lstrip().startswith("#")))
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines()
+                                       if not line.lstrip().startswith("#")))
     return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", text, re.M)]
 
 
@@ -424,10 +425,10 @@ def test_dockerfile_key_facts(variant):
 
 
 def test_dockerignore_sends_only_what_the_build_copies():
-    lines = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
     assert lines[0] == "**", "deny everything first, then allow"
-    allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     for path in DOCKERFILES.values():
         for ins, args in _instructions(path):
             if ins == "COPY" and "--from" not in args:

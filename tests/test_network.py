@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tasn.config import ModelConfig
 from tasn.model import TASN, Baseline, TASNLoss, build_model
 from tasn.model.attention import trilinear_attention
+from tasn.model.backbones import build_resnet
 from tasn.model.sampler import attention_sample
 
 
@@ -91,8 +92,6 @@ def test_build_model_from_config_and_baseline_shape():
 
 
 def test_local_pretrained_weights_load_and_bad_paths_fail(tmp_path):
-    from tasn.model.backbones import build_resnet
-
     src = build_resnet("resnet18-slim")
     torch.save(src.state_dict(), tmp_path / "w.pth")
     loaded = build_resnet("resnet18-slim", str(tmp_path / "w.pth"))

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import kfp
 import pytest
 import yaml
 
@@ -81,8 +82,12 @@ def test_caching_retries_resources_and_typed_artifacts(spec):
     for name in STAGE_TASKS:
         assert ex[f"exec-{name}"]["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}"
     comps = spec["components"]
-    outs = lambda c: {k: v["artifactType"]["schemaTitle"] for k, v in comps[c]["outputDefinitions"]["artifacts"].items()}  # noqa: E731
-    assert outs("comp-validate") == {"validated": "system.Dataset", "report": "system.HTML", "summary": "system.Metrics"}
+
+    def outs(c):
+        return {k: v["artifactType"]["schemaTitle"] for k, v in comps[c]["outputDefinitions"]["artifacts"].items()}
+
+    assert outs("comp-validate") == {"validated": "system.Dataset", "report": "system.HTML",
+                                     "summary": "system.Metrics"}
     assert outs("comp-train")["model"] == "system.Model"
     assert outs("comp-evaluate")["confusion"] == "system.ClassificationMetrics"
     params = spec["root"]["inputDefinitions"]["parameters"]
@@ -190,7 +195,8 @@ def test_kfp_local_runs_the_dag_and_promotes_only_when_the_gate_says_so(tmp_path
     result = runner.run_local(raw, params, "smoke", ["train.lr=0.01"], tmp_path / "root")
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     stages = [c[0] for c in calls]
-    assert stages == ["validate", "preprocess", "train", "evaluate", "register", "promote"] + (["promote"] if wins else [])
+    promotes = ["promote"] if wins else []
+    assert stages == ["validate", "preprocess", "train", "evaluate", "register", "promote", *promotes]
     assert "--dry-run" in calls[5] and "--dry-run" not in calls[-1] or not wins
     for call in calls:  # every stage got the caller's params text, profile and overrides
         assert Path(call[call.index("--params") + 1]).read_text() == "train: {epochs: 1}\n"
@@ -232,8 +238,6 @@ def test_submit_to_an_unreachable_endpoint_is_a_clear_error():
 
 
 def test_submit_sends_the_pipeline_into_the_experiment_and_returns_the_run_url(monkeypatch, tmp_path):
-    import kfp
-
     seen = {}
 
     class FakeClient:

@@ -3,6 +3,7 @@ against a fake CustomObjectsApi that plays back a job's life."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 
 from tasn import launch
 from tasn.data.preprocess import MANIFEST, SHARDS
-from tasn.training.outputs import CHECKPOINTS, METRICS, MODEL
 from tasn.errors import ServiceError, TASNError
+from tasn.training.outputs import CHECKPOINTS, METRICS, MODEL
 
 CRD_DIR = Path(__file__).resolve().parents[1] / "infra" / "crds"
 
@@ -165,8 +166,6 @@ def test_run_trainjob_fails_when_the_job_left_no_model(tmp_path, monkeypatch):
 def _crd_validate():
     """infra/crds/validate.py (the infra area's offline validator, which closes every Kubeflow object
     so a misspelt field fails as it would under strict field validation)."""
-    import importlib.util
-
     path = CRD_DIR / "validate.py"
     if not path.is_file():
         pytest.skip(f"no {path} yet")
@@ -213,7 +212,8 @@ def test_node_trains_under_torchrun_with_resumable_checkpoints_and_node0_uploads
     monkeypatch.setattr(launch.subprocess, "call", fake_call)
     monkeypatch.setenv("PET_NODE_RANK", rank)
     monkeypatch.setenv(launch.PARAMS_ENV, "train: {epochs: 2}\n")
-    assert launch.node_main(["--data-uri", str(data), "--work-uri", str(work), "--profile", "cub", "-S", "train.lr=0.1"]) == 0
+    args = ["--data-uri", str(data), "--work-uri", str(work), "--profile", "cub", "-S", "train.lr=0.1"]
+    assert launch.node_main(args) == 0
     argv = seen["argv"]
     assert argv[1:5] == ["-m", "torch.distributed.run", "-m", "tasn.cli"] and argv[5] == "train"
     assert seen["data"] == [MANIFEST, f"{SHARDS}/0.tar"] and seen["params"] == "train: {epochs: 2}\n"

@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import uuid
 
+import mlflow
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from tasn import registry
 from tasn.cli import main
+from tasn.model import Baseline
+from tasn.predict import Predictor, log_model
 
 pytestmark = pytest.mark.integration
 CLASSES = ["cardinal", "blue_jay", "wren"]
@@ -22,11 +26,6 @@ CLASSES = ["cardinal", "blue_jay", "wren"]
 @pytest.fixture(scope="module")
 def staged(mlflow_server):
     """(model name, the in-memory network) with a version holding `staging`."""
-    import mlflow
-
-    from tasn.model import Baseline
-    from tasn.predict import Predictor, log_model
-
     mlflow.set_tracking_uri(mlflow_server.url)
     torch.manual_seed(1)
     net = Baseline(len(CLASSES), "resnet18-slim", out_size=32).eval()
@@ -52,8 +51,6 @@ def images(tmp_path):
 
 def expected_probs(net, path):
     """Shorter side to 40 (bicubic), centre crop 32, ImageNet normalisation, softmax."""
-    import torchvision.transforms.functional as TF
-
     img = Image.open(path).convert("RGB")
     img = TF.center_crop(TF.resize(img, 40, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), 32)
     x = TF.normalize(TF.to_tensor(img), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

@@ -11,14 +11,16 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from tasn import registry
 from tasn.cli import main
+from tasn.model import Baseline
+from tasn.predict import Predictor, log_model
 from tasn.registry import lock
 
 pytestmark = pytest.mark.integration
@@ -27,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def tracking(mlflow_server, monkeypatch):
-    import mlflow
-
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     mlflow.set_tracking_uri(mlflow_server.url)
     return mlflow_server.url
@@ -37,13 +37,9 @@ def tracking(mlflow_server, monkeypatch):
 @pytest.fixture(scope="module")
 def runs(mlflow_server):
     """{data version: (run_id, model_uri)}: one real model, two runs tagged as `tasn train` does."""
-    import mlflow
-
-    from tasn.model import Baseline
-    from tasn.predict import Predictor, log_model
-
     mlflow.set_tracking_uri(mlflow_server.url)
-    predictor = Predictor(Baseline(3, "resnet18-slim", out_size=32), ["cardinal", "jay", "wren"], input_size=32, resize=40)
+    predictor = Predictor(Baseline(3, "resnet18-slim", out_size=32), ["cardinal", "jay", "wren"], input_size=32,
+                          resize=40)
     out = {}
     with mlflow.start_run() as run:
         mlflow.set_tags({"data.version": "d1", "git.commit": "c0ffee1"})
@@ -62,7 +58,8 @@ def name(tracking):
 
 def add(runs, name, value, data="d1") -> str:
     run_id, uri = runs[data]
-    return str(registry.register_version(run_id, uri, {"master_aux_top1": value, "top1": value, "loss": float("nan")}, name).version)
+    metrics = {"master_aux_top1": value, "top1": value, "loss": float("nan")}
+    return str(registry.register_version(run_id, uri, metrics, name).version)
 
 
 def holder(name, alias="staging"):

@@ -8,13 +8,17 @@ import logging
 import socket
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
-from tasn import tracking
+from tasn import checkpoint, tracking
 from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
+from tasn.predict import Predictor, from_checkpoint, load_predictor
+from tasn.training import train
 from tasn.training.outputs import CURVES, MODEL, RUN
 
 
@@ -52,15 +56,12 @@ def test_local_default_is_sqlite_with_artifacts_in_mlruns(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     uri = tracking.setup(TrackingConfig())
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    import mlflow
 
     exp = mlflow.get_experiment(tracking.experiment_id("tasn-local", uri))
     assert exp.artifact_location == (tmp_path / "mlruns").as_uri()
 
 
 def test_unreachable_server_fails_fast_before_training(tmp_path):
-    from tasn.training import train
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
@@ -74,13 +75,6 @@ def test_unreachable_server_fails_fast_before_training(tmp_path):
 @pytest.mark.integration
 def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke_data, tmp_path, monkeypatch,  # noqa: F811
                                                          caplog, capfd):
-    import mlflow
-    from mlflow import MlflowClient
-
-    from tasn import checkpoint
-    from tasn.predict import Predictor, from_checkpoint, load_predictor
-    from tasn.training import train
-
     s3 = mlflow_s3_server.s3
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)

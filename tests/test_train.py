@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from fixtures.data_smoke import ROOT, smoke_config, smoke_data  # noqa: F401  (fixture)
 from tasn import checkpoint
 from tasn.cli import main as cli_main
+from tasn.model import build_model
 from tasn.training import train
 from tasn.training.outputs import CHECKPOINTS, MODEL, STEPS
 from tasn.training.sampling import EpochSeeded, ResumableSampler, seed_everything
@@ -72,7 +73,8 @@ def test_two_ranks_read_what_one_process_reads_per_step():
     one = list(ResumableSampler(_Range(), 1, 0, seed=3))
     ranks = [list(ResumableSampler(_Range(), 2, r, seed=3)) for r in (0, 1)]
     for step in range(2):  # global batch 4 = 2 ranks x 2
-        assert sorted(one[4 * step: 4 * step + 4]) == sorted(ranks[0][2 * step: 2 * step + 2] + ranks[1][2 * step: 2 * step + 2])
+        two = ranks[0][2 * step: 2 * step + 2] + ranks[1][2 * step: 2 * step + 2]
+        assert sorted(one[4 * step: 4 * step + 4]) == sorted(two)
     assert sorted(ranks[0] + ranks[1]) == list(range(10))
 
 
@@ -152,7 +154,6 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(smo
     # it is not the distribution). A sharding or averaging error moves these losses by far more:
     # step 2's loss is 60% above step 1's after a single update.
     assert curves["two"] == pytest.approx(curves["whole"], rel=2e-3)
-    from tasn.model import build_model
 
     cfg = smoke_config(*overrides)
     seed_everything(cfg.train.seed)

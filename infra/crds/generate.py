@@ -115,9 +115,9 @@ class Builder:
         if origin is typing.Union:
             rest = [x for x in args if x is not type(None)]
             return self.annotation(rest[0], module)
-        if origin in (list, typing.List):
+        if origin is list:
             return {"type": "array", "items": self.annotation(args[0], module)}
-        if origin in (dict, typing.Dict):
+        if origin is dict:
             return {"type": "object", "additionalProperties": self.annotation(args[1], module)}
         return self.scalar(a) or self.ref(a)
 
@@ -130,7 +130,7 @@ class Builder:
             return {"type": "object", "additionalProperties": self.type_string(m.group(1), module)}
         scalar = {"str": str, "int": int, "bool": bool, "float": float, "datetime": datetime.datetime}
         if t in scalar:
-            return self.scalar(scalar[t])
+            return self.scalar(scalar[t]) or {}
         found = self.k8s_ref(t)
         if found is not None:
             return found

@@ -26,7 +26,8 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     local.set_defaults(func=_run_local)
 
     remote = cmds.add_parser("submit", parents=[common], help="submit a run to a Kubeflow Pipelines endpoint")
-    remote.add_argument("--host", default=None, help="KFP API endpoint, e.g. https://kubeflow.example/pipeline (env KFP_HOST)")
+    remote.add_argument("--host", default=None,
+                        help="KFP API endpoint, e.g. https://kubeflow.example/pipeline (env KFP_HOST)")
     remote.add_argument("--token", default=None, help="bearer token (env KFP_TOKEN)")
     remote.add_argument("--experiment", default="tasn", help="(default: %(default)s)")
     remote.add_argument("--run-name", default=None)

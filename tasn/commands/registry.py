@@ -22,7 +22,8 @@ TRAIN_OUT, EVALUATE_OUT = "outputs/train", "outputs/evaluate"  # the defaults of
 
 def _report(decision: Decision) -> None:
     """One line for people: stdout when the alias moved (or would), stderr when refused."""
-    verb = {"promote": "would promote" if decision.dry_run else "promoted", "refuse": "refused", "unchanged": "unchanged"}
+    verb = {"promote": "would promote" if decision.dry_run else "promoted", "refuse": "refused",
+            "unchanged": "unchanged"}
     line = f"{decision.name} v{decision.version} -> {decision.alias}: {verb[decision.decision]}: {decision.reason}"
     print(line, file=sys.stderr if decision.decision == "refuse" else sys.stdout)
 
@@ -83,13 +84,16 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("register", parents=[common], help="register a trained run's model in the MLflow Model Registry")
     p.add_argument("--run-json", "--run", dest="run_json", default=None,
                    help=f"the run file of `tasn train` (default: the one in {TRAIN_OUT})")
-    p.add_argument("--metrics", default=None, help=f"the metrics of `tasn evaluate` (default: the ones in {EVALUATE_OUT})")
-    p.add_argument("--out", default="outputs/register", help="where the registration record goes (default: %(default)s)")
+    p.add_argument("--metrics", default=None,
+                   help=f"the metrics of `tasn evaluate` (default: the ones in {EVALUATE_OUT})")
+    p.add_argument("--out", default="outputs/register",
+                   help="where the registration record goes (default: %(default)s)")
     p.add_argument("--name", default=None, help="registered model name (default: register.model_name)")
     p.add_argument("--promote", action="store_true", help="then run the staging gate (a refusal still exits 0)")
     p.set_defaults(func=_register)
 
-    p = sub.add_parser("promote", parents=[common], help="champion/challenger gate: move the staging (or production) alias")
+    p = sub.add_parser("promote", parents=[common],
+                       help="champion/challenger gate: move the staging (or production) alias")
     p.add_argument("--name", default=None, help="registered model name (default: register.model_name)")
     p.add_argument("--version", default=None, help="candidate version (for --to production: must be the staging one)")
     p.add_argument("--to", choices=("staging", "production"), default="staging",
@@ -103,7 +107,8 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("registry", help="read the model registry")
     reg_sub = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
-    h = reg_sub.add_parser("history", parents=[common], help="every promotion in order: who, when, why, previous holder")
+    h = reg_sub.add_parser("history", parents=[common],
+                           help="every promotion in order: who, when, why, previous holder")
     h.add_argument("--name", default=None, help="registered model name (default: register.model_name)")
     h.add_argument("--json", action="store_true", help="JSON instead of a table")
     h.set_defaults(func=_history)

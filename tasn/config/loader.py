@@ -36,7 +36,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise ConfigError(f"{self.name}:{line}: duplicate key {key!r} (first at line {seen[key]})")
@@ -169,7 +169,8 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         tp, name = hints[key], prefix + key
-        kwargs[key] = build(tp, value, name + ".") if dataclasses.is_dataclass(tp) else coerce(value, tp, name)
+        nested = isinstance(tp, type) and dataclasses.is_dataclass(tp)
+        kwargs[key] = build(tp, value, name + ".") if nested else coerce(value, tp, name)
     return cls(**kwargs)
 
 

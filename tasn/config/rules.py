@@ -11,7 +11,6 @@ is given, so a config built in Python code is held to the same rules as one read
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -41,10 +40,14 @@ def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def field_types(cls: type) -> dict[str, Any]:
-    """The resolved annotations of a config dataclass, `Annotated` metadata kept."""
-    return typing.get_type_hints(cls, include_extras=True)
+    """The resolved annotations of a config dataclass, `Annotated` metadata kept (resolved once)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
+    return _HINTS[cls]
 
 
 def _is_number(value: Any) -> bool:

@@ -68,7 +68,8 @@ class ValidateConfig:
 
     def relations(self) -> Iterator[str]:
         if self.test_fraction_min > self.test_fraction_max:
-            yield f"test_fraction_min ({self.test_fraction_min}) is larger than test_fraction_max ({self.test_fraction_max})"
+            yield (f"test_fraction_min ({self.test_fraction_min}) is larger than "
+                   f"test_fraction_max ({self.test_fraction_max})")
 
 
 @dataclass

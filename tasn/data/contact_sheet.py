@@ -19,25 +19,27 @@ THUMB = 170
 
 def _fit(img: Image.Image, side: int) -> Image.Image:
     img = img.copy()
-    img.thumbnail((side, side), Image.BICUBIC)
+    img.thumbnail((side, side), Image.Resampling.BICUBIC)
     return img
 
 
 def _closeup(img: Image.Image, bird, short_side: int) -> Image.Image:
     """The bird's box in `img` resized so its shorter side is `short_side`, shown at THUMB px."""
     scale = short_side / min(img.size)
-    small = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC, reducing_gap=None)
+    size = (round(img.width * scale), round(img.height * scale))
+    small = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
     half = 0.62 * bird.length * scale
     cx, cy = bird.cx * scale, bird.cy * scale
     box = tuple(round(v) for v in (cx - half, cy - half, cx + half, cy + half))
-    return small.crop(box).resize((THUMB, THUMB), Image.NEAREST)
+    return small.crop(box).resize((THUMB, THUMB), Image.Resampling.NEAREST)
 
 
 def draw_contact_sheet(path, images_dir: Path, rows, class_dirs, birds, per_row: int = 4) -> Path:
     """Write the sheet as PNG to `path` (atomically). `rows`/`birds` are in image-id order."""
     label_h, pad = 16, 4
     cols = per_row + 2
-    sheet = Image.new("RGB", (cols * (THUMB + pad) + pad, len(class_dirs) * (THUMB + label_h + pad) + label_h + pad), "white")
+    size = (cols * (THUMB + pad) + pad, len(class_dirs) * (THUMB + label_h + pad) + label_h + pad)
+    sheet = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(sheet)
     x_close = per_row * (THUMB + pad) + pad
     draw.text((x_close, 2), "bird at 256 px (TASN input)", fill="black")
@@ -47,8 +49,8 @@ def draw_contact_sheet(path, images_dir: Path, rows, class_dirs, birds, per_row:
         y = label_h + label * (THUMB + label_h + pad)
         draw.text((pad, y), cdir, fill="black")
         for col, i in enumerate(members):
-            with Image.open(images_dir / rows[i][0]) as im:
-                im = im.convert("RGB")
+            with Image.open(images_dir / rows[i][0]) as f:
+                im = f.convert("RGB")
                 sheet.paste(_fit(im, THUMB), (pad + col * (THUMB + pad), y + label_h))
                 if col == 0:
                     sheet.paste(_closeup(im, birds[i], 256), (x_close, y + label_h))

@@ -11,8 +11,8 @@ import io
 import json
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch

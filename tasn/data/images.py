@@ -37,7 +37,8 @@ def decode(path: str | os.PathLike) -> Image.Image:
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image (no decoder recognises its contents)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        reason = "truncated or corrupt" if any(w in str(exc).lower() for w in ("truncated", "broken", "premature")) else "cannot be decoded"
+        truncated = any(w in str(exc).lower() for w in ("truncated", "broken", "premature"))
+        reason = "truncated or corrupt" if truncated else "cannot be decoded"
         raise DataError(f"{path}: {reason} ({exc})") from None
 
 

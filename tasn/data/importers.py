@@ -12,6 +12,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,8 @@ def _check_decodable(paths: list[Path], workers: int, what: str) -> None:
     errors = [e for e in imap(_decode_error, [_Check(str(p)) for p in paths], workers, desc=what) if e]
     if errors:
         head = "\n  ".join(errors[:50])
-        raise DataError(f"{len(errors)} image(s) cannot be imported:\n  {head}" + (f"\n  ... and {len(errors) - 50} more" if len(errors) > 50 else ""))
+        more = f"\n  ... and {len(errors) - 50} more" if len(errors) > 50 else ""
+        raise DataError(f"{len(errors)} image(s) cannot be imported:\n  {head}{more}")
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -92,7 +94,8 @@ def stratified_split(n: int, test_fraction: float, rng: np.random.Generator) -> 
     return [i not in test for i in range(n)]
 
 
-def import_folder(src: str | os.PathLike, dest: str | os.PathLike, test_fraction: float = 0.25, seed: int = 0, workers: int = 0) -> dict:
+def import_folder(src: str | os.PathLike[str], dest: str | os.PathLike[str], test_fraction: float = 0.25,
+                  seed: int = 0, workers: int = 0) -> dict[str, Any]:
     """One sub-folder of images per class (sorted by name -> class ids 1..K) into the CUB layout,
     with a seeded split stratified by class. Files that are not images by suffix are skipped."""
     src = Path(src)
@@ -107,7 +110,8 @@ def import_folder(src: str | os.PathLike, dest: str | os.PathLike, test_fraction
     for folder in folders:
         images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if len(images) < 2:
-            raise DataError(f"{folder}: class has {len(images)} image(s); needs at least 2 (one for train, one for test)")
+            raise DataError(f"{folder}: class has {len(images)} image(s); "
+                            "needs at least 2 (one for train, one for test)")
         classes.append(folder)
         files.append(images)
     dirs = [_safe(f.name) for f in classes]

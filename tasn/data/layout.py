@@ -96,7 +96,8 @@ def read_layout(root: str | os.PathLike) -> Layout:
     classes = _read_pairs(root / CLASSES_TXT, "path")
     for image_id, flag in split.items():
         if flag not in ("0", "1"):
-            raise DataError(f"{root / SPLIT_TXT}: image id {image_id} has split {flag!r}; expected 1 (train) or 0 (test)")
+            raise DataError(f"{root / SPLIT_TXT}: image id {image_id} has split {flag!r}; "
+                            "expected 1 (train) or 0 (test)")
     class_ids = [c for c, _ in classes]
     if len(set(class_ids)) != len(class_ids):
         dup = next(c for c in class_ids if class_ids.count(c) > 1)
@@ -118,12 +119,16 @@ def check_layout(layout: Layout) -> None:
     t, root = layout.images, layout.root
     problems: list[str] = []
     dup = t[t["image_id"].duplicated(keep=False)]
-    problems += [f"{root / IMAGES_TXT}: image id {r.image_id} is listed more than once ({r.path})" for r in dup.itertuples()]
-    problems += [f"{p}: image id {i} has no label in {LABELS_TXT}" for i, p in t.loc[t.class_id.isna(), ["image_id", "path"]].itertuples(index=False)]
-    problems += [f"{p}: image id {i} has no entry in {SPLIT_TXT}" for i, p in t.loc[t.is_train.isna(), ["image_id", "path"]].itertuples(index=False)]
+    problems += [f"{root / IMAGES_TXT}: image id {r.image_id} is listed more than once ({r.path})"
+                 for r in dup.itertuples()]
+    unlabelled = t.loc[t.class_id.isna(), ["image_id", "path"]].itertuples(index=False)
+    problems += [f"{p}: image id {i} has no label in {LABELS_TXT}" for i, p in unlabelled]
+    unsplit = t.loc[t.is_train.isna(), ["image_id", "path"]].itertuples(index=False)
+    problems += [f"{p}: image id {i} has no entry in {SPLIT_TXT}" for i, p in unsplit]
     known = set(layout.classes["class_id"])
     bad = t[t.class_id.notna() & ~t.class_id.isin(known)]
-    problems += [f"{p}: class id {c} is not in {CLASSES_TXT} (ids {min(known, default=0)}..{max(known, default=0)})" for p, c in zip(bad.path, bad.class_id)]
+    ids = f"ids {min(known, default=0)}..{max(known, default=0)}"
+    problems += [f"{p}: class id {c} is not in {CLASSES_TXT} ({ids})" for p, c in zip(bad.path, bad.class_id)]
     missing = [p for p in t.path if not (root / "images" / p).is_file()]
     problems += [f"{root / 'images' / p}: listed in {IMAGES_TXT} but missing" for p in missing]
     unlisted = sorted(set(layout.files_on_disk()) - set(t.path))

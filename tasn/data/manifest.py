@@ -28,7 +28,8 @@ def _probe(job: _Probe) -> dict:
     """Hash and fully decode one file; never raises for a bad image (that is a row to report)."""
     path = Path(job.path)
     if not path.is_file():
-        return dict(exists=False, bytes=None, sha256=None, decodable=None, error="missing", width=None, height=None, mode=None)
+        return dict(exists=False, bytes=None, sha256=None, decodable=None, error="missing", width=None, height=None,
+                    mode=None)
     raw = path.read_bytes()
     row = dict(exists=True, bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest(), width=None, height=None, mode=None)
     try:
@@ -51,7 +52,8 @@ def build_manifest(layout: Layout, workers: int = 0) -> pd.DataFrame:
     table["class_name"] = [names.get(int(c)) if pd.notna(c) else None for c in table["class_id"]]
     table["split"] = [None if pd.isna(t) else ("train" if t else "test") for t in table["is_train"].astype("object")]
     table = table.drop(columns=["is_train"])
-    probes = list(imap(_probe, [_Probe(str(layout.root / "images" / p)) for p in table["path"]], workers, desc="validate"))
+    jobs = [_Probe(str(layout.root / "images" / p)) for p in table["path"]]
+    probes = list(imap(_probe, jobs, workers, desc="validate"))
     table = pd.concat([table.reset_index(drop=True), pd.DataFrame.from_records(probes)], axis=1)
     for col in ("bytes", "width", "height"):
         table[col] = table[col].astype("Int64")
@@ -59,5 +61,6 @@ def build_manifest(layout: Layout, workers: int = 0) -> pd.DataFrame:
     table["decodable"] = table["decodable"].astype("boolean")
     table["min_side"] = table[["width", "height"]].min(axis=1, skipna=False).astype("Int64")
     splits_of = table.dropna(subset=["sha256", "split"]).groupby("sha256")["split"].nunique()
-    table["leak"] = table["sha256"].map(lambda h: bool(splits_of.get(h, 0) > 1) if isinstance(h, str) else False).astype("boolean")
+    leaks = table["sha256"].map(lambda h: bool(splits_of.get(h, 0) > 1) if isinstance(h, str) else False)
+    table["leak"] = leaks.astype("boolean")
     return table

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -40,7 +41,8 @@ def imap(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, desc: str =
                 yield fn(item)
                 bar.update()
             return
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
         chunk = max(1, min(16, len(items) // (n * 8)))
         with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
             for result in pool.map(fn, items, chunksize=chunk):

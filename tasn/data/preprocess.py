@@ -102,6 +102,7 @@ def preprocess(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
                         shard_file.close()
                     shard, offset = shard + 1, 0
                     shard_file = open(tmp / shard_name(shard), "wb")
+                assert shard_file is not None  # the first image always starts a shard (offset = SHARD_BYTES)
                 shard_file.write(data)
                 label = label_of[int(row.class_id)]
                 records.append(

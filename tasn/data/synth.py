@@ -22,11 +22,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from tasn.config import ConfigError, SynthConfig
+from tasn.data.contact_sheet import draw_contact_sheet
 from tasn.data.layout import write_layout
 from tasn.data.parallel import imap
 from tasn.io import atomic_dir, atomic_write_json
@@ -36,7 +38,8 @@ REF_SIDE = 256  # pattern periods are given in pixels at this shorter side (the 
 # Each part's class-deciding textures: (name, pattern, period in reference pixels). The first
 # entry is used when the part is not needed to tell the classes apart.
 PARTS: dict[str, list[tuple[str, str, float]]] = {
-    "wing": [("Striped", "stripes", 3.5), ("Checkered", "checker", 4.0), ("Spotted", "dots", 4.0), ("Wavy", "waves", 3.5)],
+    "wing": [("Striped", "stripes", 3.5), ("Checkered", "checker", 4.0), ("Spotted", "dots", 4.0),
+             ("Wavy", "waves", 3.5)],
     "eye": [("Ringed", "rings", 3.0), ("Rayed", "spokes", 8.0), ("Checkered", "checker", 3.0)],
     "beak": [("Barred", "bars", 3.0), ("Checkered", "checker", 3.0), ("Spotted", "dots", 3.5)],
     "tail": [("Barred", "bars", 3.5), ("Checkered", "checker", 4.0), ("Spotted", "dots", 4.0)],
@@ -159,11 +162,11 @@ def _two_tone(rng) -> tuple[np.ndarray, np.ndarray]:
     return (pair[0], pair[1]) if rng.random() < 0.5 else (pair[1], pair[0])
 
 
-def _background(rng, w: int, h: int, px: float) -> Image.Image:
+def _background(rng, w: int, h: int, px: float) -> np.ndarray:
     """Smooth colour field, random shapes and lines, and two textured distractor blobs."""
     grid = (rng.random((3, 4, 3)) * 200 + 30).astype(np.uint8)
     lw, lh = (w + 1) // 2, (h + 1) // 2  # clutter is drawn at half size: upscaling softens it
-    img = Image.fromarray(grid).resize((lw, lh), Image.BICUBIC)
+    img = Image.fromarray(grid).resize((lw, lh), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(10, 22))):
         x, y = rng.uniform(-0.1, 1.1) * lw, rng.uniform(-0.1, 1.1) * lh
@@ -176,8 +179,9 @@ def _background(rng, w: int, h: int, px: float) -> Image.Image:
             pts = [(x + r * math.cos(a), y + r * math.sin(a)) for a in np.sort(rng.uniform(0, 2 * math.pi, 5))]
             draw.polygon(pts, fill=fill)
         else:
-            draw.line([x, y, x + rng.uniform(-3, 3) * r, y + rng.uniform(-3, 3) * r], fill=fill, width=int(rng.integers(1, 5)))
-    img = img.filter(ImageFilter.BoxBlur(rng.uniform(0.0, 1.0) * px)).resize((w, h), Image.BICUBIC)
+            draw.line([x, y, x + rng.uniform(-3, 3) * r, y + rng.uniform(-3, 3) * r], fill=fill,
+                      width=int(rng.integers(1, 5)))
+    img = img.filter(ImageFilter.BoxBlur(rng.uniform(0.0, 1.0) * px)).resize((w, h), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.float32).copy()
     kinds = [k for part in PARTS.values() for _, k, _ in part]
     periods = [p for part in PARTS.values() for _, _, p in part]
@@ -225,9 +229,10 @@ def render(seed: int, index: int, combo: dict[str, int], min_side: int, max_side
 
     body_col, head_col = _colour(rng, 0.3, 0.9), _colour(rng, 0.3, 0.9)
     region = arr[y0:y1, x0:x1]
-    layers = []
+    layers: list[tuple[str | None, np.ndarray, Any, Any, Any]] = []  # part, distance, p, q, flat colour
     tail_lift = rng.uniform(-0.06, 0.06)
-    tail = _triangle(u, v, [(-0.2, -0.03), (-0.52, -0.11 * jit() + tail_lift), (-0.52, 0.11 * jit() + tail_lift), (-0.2, 0.05)])
+    tail = _triangle(u, v, [(-0.2, -0.03), (-0.52, -0.11 * jit() + tail_lift), (-0.52, 0.11 * jit() + tail_lift),
+                            (-0.2, 0.05)])
     layers.append(("tail", tail, u + 0.36, v - tail_lift, body_col))
     body, _, _ = _ellipse(u, v, 0.0, 0.0, 0.3 * jit(), 0.15 * jit())
     layers.append((None, body, None, None, body_col))
@@ -247,7 +252,8 @@ def render(seed: int, index: int, combo: dict[str, int], min_side: int, max_side
         inside = dist * length < 0.5  # signed distance in image pixels; 1 px soft edge
         rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
         if part is None or (part == "tail" and "tail" not in combo):
-            colour, pattern_args = flat, None
+            colour: Any = flat
+            pattern_args = None
         else:
             colour = _two_tone(rng)
             pattern_args = PARTS[part][combo.get(part, 0)][1:]
@@ -283,7 +289,8 @@ def _render_job(job: _Job) -> Bird:
     return bird
 
 
-def generate(dest: str | os.PathLike, cfg: SynthConfig, workers: int = 0, contact_sheet: str | os.PathLike | None = None) -> dict:
+def generate(dest: str | os.PathLike, cfg: SynthConfig, workers: int = 0,
+             contact_sheet: str | os.PathLike | None = None) -> dict:
     """Write the synthetic set in the CUB layout at `dest` (replaced atomically); return a summary.
 
     The contact sheet (a few images per class, with full-resolution and 112 px close-ups of the
@@ -306,12 +313,12 @@ def generate(dest: str | os.PathLike, cfg: SynthConfig, workers: int = 0, contac
             for k in range(per_class):
                 rel = f"{cdir}/{cdir.split('.', 1)[1]}_{k + 1:04d}.jpg"
                 index = label * per_class + k
-                jobs.append(_Job(cfg.seed, index, combo, cfg.min_side, cfg.max_side, cfg.jpeg_quality, str(tmp / "images" / rel)))
+                jobs.append(_Job(cfg.seed, index, combo, cfg.min_side, cfg.max_side, cfg.jpeg_quality,
+                                 str(tmp / "images" / rel)))
                 rows.append((rel, label + 1, k < cfg.train_per_class))
         birds = list(imap(_render_job, jobs, workers, desc="synth"))
         write_layout(tmp, rows, dirs)
         sheet = Path(contact_sheet) if contact_sheet else tmp / "contact_sheet.png"
-        from tasn.data.contact_sheet import draw_contact_sheet
 
         draw_contact_sheet(sheet, tmp / "images", rows, dirs, birds, per_row=4)
         size = sum(f.stat().st_size for f in (tmp / "images").rglob("*.jpg"))

@@ -6,7 +6,8 @@ file under images/, to catch unlisted ones); rules about the dataset as a whole 
 per-class and per-split tables. Every failed rule names each offending file (or class) with the
 value that broke it. Outputs (`summary.json`, `report.html`, `manifest.parquet`) go to the report
 directory atomically on success; on failure they go to `<report-dir>-failed/` instead, so the last
-good report is never overwritten, and the command exits non-zero.
+good report is never overwritten, and the command exits non-zero. great-expectations is imported
+when the suite first runs (`_gx`): it takes seconds, and nothing else needs it.
 """
 
 from __future__ import annotations
@@ -113,10 +114,13 @@ def rules(cfg: ValidateConfig, class_ids: list[int]) -> list[Rule]:
              lambda r: f"has {r.n_test} test image(s), needs >= {need}"),
         Rule("class_balance", f"largest/smallest class <= {cfg.max_class_imbalance:g} per split", "totals",
              lambda: E.ExpectColumnValuesToBeBetween(column="imbalance", max_value=cfg.max_class_imbalance),
-             lambda r: f"{r.split} split: largest class / smallest class = {r.imbalance:.2f} > {cfg.max_class_imbalance:g}"),
+             lambda r: f"{r.split} split: largest class / smallest class = {r.imbalance:.2f} "
+                       f"> {cfg.max_class_imbalance:g}"),
         Rule("test_fraction", f"test fraction in [{cfg.test_fraction_min:g}, {cfg.test_fraction_max:g}]", "fraction",
-             lambda: E.ExpectColumnValuesToBeBetween(column="test_fraction", min_value=cfg.test_fraction_min, max_value=cfg.test_fraction_max),
-             lambda r: f"test fraction {r.test_fraction:.3f} outside [{cfg.test_fraction_min:g}, {cfg.test_fraction_max:g}]"),
+             lambda: E.ExpectColumnValuesToBeBetween(column="test_fraction", min_value=cfg.test_fraction_min,
+                                                     max_value=cfg.test_fraction_max),
+             lambda r: f"test fraction {r.test_fraction:.3f} outside "
+                       f"[{cfg.test_fraction_min:g}, {cfg.test_fraction_max:g}]"),
     ]
 
 
@@ -166,13 +170,15 @@ def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule]) -> list[
             suite.add_expectation(exp)
         batch = batch_def.get_batch(batch_parameters={"dataframe": _plain(table)})
         key = INDEX[name]
-        outcome = batch.validate(suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]})
+        outcome = batch.validate(suite, result_format={"result_format": "COMPLETE",
+                                                       "unexpected_index_column_names": [key]})
         by_rule = {r.expectation_config.meta["rule"]: r for r in outcome.results}
         lookup = table.drop_duplicates(subset=[key]).set_index(key, drop=False)
         for rule in mine:
             res = by_rule[rule.id]
             if res.exception_info and res.exception_info.get("raised_exception"):
-                raise DataError(f"validation rule {rule.id} could not run: {res.exception_info.get('exception_message')}")
+                reason = res.exception_info.get("exception_message")
+                raise DataError(f"validation rule {rule.id} could not run: {reason}")
             keys = [] if res.success else [d[key] for d in res.result.get("unexpected_index_list") or []]
             prefix = "images/" if key == "path" else ""
             offenders = [f"{prefix}{k}: {rule.detail(lookup.loc[k])}" for k in dict.fromkeys(keys)]
@@ -205,11 +211,13 @@ def render_html(summary: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str
     verdict = "PASSED" if summary["passed"] else "FAILED"
     colour = "#1a7f37" if summary["passed"] else "#cf222e"
     rows = "".join(
-        f"<tr><td>{'&#10003;' if r['passed'] else '&#10007;'}</td><td>{e(r['rule'])}</td><td>{len(r['offenders'])}</td></tr>"
+        f"<tr><td>{'&#10003;' if r['passed'] else '&#10007;'}</td><td>{e(r['rule'])}</td>"
+        f"<td>{len(r['offenders'])}</td></tr>"
         for r in summary["rules"]
     )
     failures = "".join(
-        f"<h3>{e(r['rule'])} <small>({e(r['id'])})</small></h3><ul>" + "".join(f"<li><code>{e(o)}</code></li>" for o in r["offenders"]) + "</ul>"
+        f"<h3>{e(r['rule'])} <small>({e(r['id'])})</small></h3><ul>"
+        + "".join(f"<li><code>{e(o)}</code></li>" for o in r["offenders"]) + "</ul>"
         for r in summary["rules"] if not r["passed"]
     )
     per_class = tables["classes"][["class_id", "class_dir", "n_train", "n_test"]].to_html(index=False, border=0)
@@ -218,10 +226,12 @@ def render_html(summary: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str
 td,th{{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}} .v{{color:{colour}}}</style></head><body>
 <h1>Data validation: <span class="v">{verdict}</span></h1>
 <p><code>{e(summary['data'])}</code>: {summary['images']} images ({summary['train']} train, {summary['test']} test),
-{summary['classes']} classes, {summary['files']} files under images/. {summary['failed_rules']} of {len(summary['rules'])} rules failed.</p>
+{summary['classes']} classes, {summary['files']} files under images/.
+{summary['failed_rules']} of {len(summary['rules'])} rules failed.</p>
 <h2>Rules</h2><table><tr><th></th><th>rule</th><th>offenders</th></tr>{rows}</table>
 {'<h2>Failures</h2>' + failures if failures else ''}
-<h2>Data</h2><img alt="image sizes and class counts" src="data:image/png;base64,{_picture(tables['images'], tables['classes'])}">
+<h2>Data</h2><img alt="image sizes and class counts"
+ src="data:image/png;base64,{_picture(tables['images'], tables['classes'])}">
 <h2>Classes</h2>{per_class}
 </body></html>
 """
@@ -262,9 +272,11 @@ def validate(data_dir: str | os.PathLike[str], report_dir: str | os.PathLike[str
         manifest.to_parquet(tmp / MANIFEST, index=False)
         atomic_write_text(tmp / REPORT, render_html(summary, tables))
         atomic_write_json(tmp / SUMMARY, summary)
-    log.info("validated %d images in %.1f s: %s", len(images), time.perf_counter() - start, "passed" if not failed else "FAILED")
+    log.info("validated %d images in %.1f s: %s", len(images), time.perf_counter() - start,
+             "passed" if not failed else "FAILED")
     if failed:
-        lines = [f"[{r['id']}] {o}" for r in failed for o in r["offenders"]] or [f"[{r['id']}] {r['rule']}" for r in failed]
+        lines = ([f"[{r['id']}] {o}" for r in failed for o in r["offenders"]]
+                 or [f"[{r['id']}] {r['rule']}" for r in failed])
         more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
         raise DataError(
             f"{data_dir}: {len(failed)} validation rule(s) failed ({', '.join(r['id'] for r in failed)}); "

@@ -44,6 +44,7 @@ class MultiDilationHead(nn.Module):
         for d in dilations:
             y = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=d, dilation=d))
             out = y if out is None else out + y
+        assert out is not None  # at least one dilation
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

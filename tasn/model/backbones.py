@@ -14,6 +14,7 @@ import torch.nn as nn
 import torchvision
 
 from tasn.choices import BACKBONES
+from tasn.storage import read_bytes
 
 log = logging.getLogger(__name__)
 _WEIGHTS = {
@@ -26,8 +27,6 @@ _WEIGHTS = {
 def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
     """A state dict from a local path or an s3:// URI (a plain state dict or {"model": ...})."""
     if source.startswith("s3://"):
-        from tasn.storage import read_bytes  # lazy: boto3 only when asked
-
         state = torch.load(io.BytesIO(read_bytes(source)), map_location="cpu", weights_only=True)
     else:
         path = Path(source)

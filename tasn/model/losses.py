@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
@@ -54,7 +54,7 @@ class TASNLoss(nn.Module):
     def forward(self, out, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = {head: F.cross_entropy(getattr(out, head).float(), target) for head in out._fields}
         terms["distill"] = distillation(out.master, out.part, self.temperature)
-        total = sum(self.weights[k] * v for k, v in terms.items())
+        total = cast(torch.Tensor, sum(self.weights[k] * v for k, v in terms.items()))
         return total, terms
 
 

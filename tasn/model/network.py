@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -107,7 +107,7 @@ class TASN(nn.Module):
         n = x.shape[0]
         att_logits, maps = self.attention_maps(x)
         structure_map, detail_map = self.select_maps(maps)
-        sampler = dict(out_size=self.out_size, dense=self.dense, iters=self.iters)
+        sampler: dict[str, Any] = dict(out_size=self.out_size, dense=self.dense, iters=self.iters)
         # Squared after upsampling to S x S; the sampler squares the profiles, which is the same.
         structure = attention_sample(x, structure_map, power=2.0, **sampler)
         detail = attention_sample(x, detail_map, power=1.0, **sampler)

@@ -17,6 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from tasn import ops
 from tasn.choices import SAMPLER_IMPLS
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,6 @@ def _resolve_impl(impl: str, images: torch.Tensor) -> str:
         if impl == "fused":
             raise ValueError("the fused sampler needs CUDA tensors; these are on " + str(images.device))
         return "reference"
-    from tasn import ops  # lazy: compiles or loads the extension on first use
 
     if impl == "fused":
         ops.load(required=True)

@@ -10,6 +10,9 @@ torch.compile and CPU kernels for machines without a GPU (see docs/ops.md).
 - `load(required=False)`: import the ahead-of-time build, or compile once into a cache (ninja).
 - `available()`: True when CUDA is present and the library with its CUDA kernels is loaded; when
   not, it logs why once (and `unavailable_reason()` says it) and callers use the reference.
+
+`build` (torch's C++ extension toolchain) is imported when the library is first loaded, and the
+fake/autograd registrations after it, since they register for the ops the library defines.
 """
 
 from __future__ import annotations

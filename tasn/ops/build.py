@@ -25,6 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+import torch.utils.cpp_extension as cpp
+
+from tasn.errors import TASNError
+from tasn.io import atomic_dir
+
 log = logging.getLogger(__name__)
 
 NAME = "tasn_ops"
@@ -40,8 +46,6 @@ def cuda_home() -> str | None:
     torch derives CUDA_HOME from `which nvcc`; where nvcc is a wrapper script (/usr/local/bin/nvcc)
     that guess is /usr/local and linking fails, so the candidates are checked, not trusted.
     """
-    import torch.utils.cpp_extension as cpp
-
     nvcc = shutil.which("nvcc")
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp.CUDA_HOME]
     if nvcc:
@@ -55,8 +59,6 @@ def cuda_home() -> str | None:
 
 def with_cuda() -> bool:
     """True when this torch is a CUDA build and a usable toolkit is present."""
-    import torch
-
     return torch.version.cuda is not None and cuda_home() is not None
 
 
@@ -67,8 +69,6 @@ def sources(cuda: bool) -> list[Path]:
 
 def fingerprint(cuda: bool) -> dict:
     """What a built library depends on; a prebuilt one is used only when this matches exactly."""
-    import torch
-
     h = hashlib.sha256()
     for p in sorted(CSRC.iterdir()):
         if p.suffix in (".cpp", ".cu", ".h", ".cuh"):
@@ -111,11 +111,9 @@ def find_prebuilt(cuda: bool) -> Path | None:
 
 def compile_library(build_dir: Path, cuda: bool, arch: str | None = None, verbose: bool = False) -> Path:
     """Build (or reuse the up-to-date build in) `build_dir` and load it; returns the library path."""
-    import torch
-    import torch.utils.cpp_extension as cpp
-
     if cuda:
         home = cuda_home()
+        assert home is not None  # with_cuda() found it
         os.environ["CUDA_HOME"] = home
         cpp.CUDA_HOME = home  # torch read its guess at import; the build reads this global
         if arch:
@@ -140,8 +138,6 @@ def compile_library(build_dir: Path, cuda: bool, arch: str | None = None, verbos
 
 def build_prebuilt(dest: Path, arch: str | None, verbose: bool) -> Path:
     """The AOT build: compile in a scratch directory, then swap the library and its stamp into `dest`."""
-    from tasn.io import atomic_dir
-
     cuda = with_cuda()
     if not cuda:
         log.warning("no CUDA toolkit (or a CPU-only torch): building the CPU kernels only")
@@ -165,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from tasn.errors import TASNError
 
     try:
         lib = build_prebuilt(args.dest or prebuilt_dir(), args.arch, args.verbose)

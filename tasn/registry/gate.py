@@ -58,7 +58,8 @@ def judge(candidate: Standing, incumbent: Standing | None, *, alias: str, primar
         return Verdict("refuse", f"candidate v{candidate.version} has no {primary_metric} to compare; "
                                  "promote with --force --reason")
     if incumbent is None:
-        return Verdict("promote", f"no version holds {alias!r}: first promotion ({primary_metric} {candidate.metric:.6g})")
+        return Verdict("promote",
+                       f"no version holds {alias!r}: first promotion ({primary_metric} {candidate.metric:.6g})")
     numbers = f"candidate v{candidate.version} {primary_metric}={candidate.metric:.6g}"
     if incumbent.metric is not None:
         numbers += f", {alias} v{incumbent.version} {primary_metric}={incumbent.metric:.6g}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tasn import checkpoint, distributed, viz
-from tasn.model.network import Network
 from tasn.config import Config
+from tasn.model.network import Network
+from tasn.tracking import Run
 from tasn.training.meter import MetricLogger
 from tasn.training.modes import autocast, precision, set_train_mode, unwrap, uses_channels_last
-from tasn.tracking import Run
 from tasn.training.outputs import ATTENTION_ARTIFACTS, PICTURES, picture_name
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,12 @@ class Loop:
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> tuple[torch.Tensor, dict[str, Any]]:
         """Forward and loss under autocast, backward of the loss share of one micro-batch; the
         gradient all-reduce of DDP runs only when `sync` (the last micro-batch of a step)."""
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        grad_sync = self.model.no_sync() if ddp and not sync else contextlib.nullcontext()
+        model = self.model
+        grad_sync: AbstractContextManager[object] = contextlib.nullcontext()
+        if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
+            grad_sync = model.no_sync()
         with grad_sync, autocast(self.amp_dtype, self.ctx.device):
-            loss, terms = self.loss_fn(self.model(x), y)
+            loss, terms = self.loss_fn(model(x), y)
         self.scaler.scale(loss / self.cfg.train.accum_steps).backward()
         return loss, terms
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import ContextManager, cast
+from contextlib import AbstractContextManager
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -39,7 +40,7 @@ def precision(amp: bool, device: torch.device) -> tuple[torch.dtype | None, torc
     return torch.float16, torch.amp.GradScaler("cuda", enabled=True)
 
 
-def autocast(amp_dtype: torch.dtype | None, device: torch.device) -> ContextManager[object]:
+def autocast(amp_dtype: torch.dtype | None, device: torch.device) -> AbstractContextManager[object]:
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
@@ -57,7 +58,7 @@ def place(model: nn.Module, cfg: TrainConfig, ctx: Context) -> nn.Module:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device)
     if uses_channels_last(cfg, ctx.device):
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
+        model.to(memory_format=torch.channels_last)
     return model
 
 

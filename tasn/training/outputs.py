@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
-
 from tasn import checkpoint, viz
 from tasn.config import Config
 from tasn.io import atomic_write_json, atomic_write_text
+from tasn.model.network import Network
 from tasn.predict import Predictor, log_model
 from tasn.tracking import Run, RunInfo
 
@@ -60,7 +59,7 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_outputs(out_dir: Path, model: nn.Module, cfg: Config, classes: list[str], metrics: dict[str, float],
+def write_outputs(out_dir: Path, model: Network, cfg: Config, classes: list[str], metrics: dict[str, float],
                   train_loss: float, history: list[dict[str, Any]], steps: list[dict[str, Any]], step: int,
                   run: Run | None) -> TrainResult:
     """Rank 0, at the end: model.pt, metrics.json, history.csv, steps.csv, the learning curves,
