@@ -18,6 +18,7 @@ import yaml
 from components import runtime
 from pipelines import runner
 from tasn import evaluate, registry
+from tasn.config import PARAMS_ENV, PROFILES_DIR, PROFILES_ENV, ConfigError, load_config
 from tasn.data import preprocess, validate
 from tasn.errors import ServiceError, TASNError
 from tasn.training import outputs
@@ -105,6 +106,27 @@ def test_tasn_argv_carries_the_common_options():
     assert argv[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     assert argv[5:8] == ["-m", "tasn.cli", "train"]
     assert Path(argv[argv.index("--params") + 1]).read_text() == "train: {lr: 0.2}\n"
+
+
+def test_a_profile_name_resolves_beside_params_handed_over_as_text(tmp_path, monkeypatch):
+    """In a task the params file is the pipeline's text written to a temporary folder; the profiles
+    beside it are the image's (next to $TASN_PARAMS) or, under run-local, the caller's
+    ($TASN_PROFILES), so `--profile NAME` means there what it means on the caller's side."""
+    image = tmp_path / "etc"
+    (image / PROFILES_DIR).mkdir(parents=True)
+    (image / "params.yaml").write_text("")
+    (image / PROFILES_DIR / "big.yaml").write_text("train: {epochs: 42}\n")
+    monkeypatch.setenv(PARAMS_ENV, str(image / "params.yaml"))
+    monkeypatch.delenv(PROFILES_ENV, raising=False)
+    assert runtime.params_path("") == str(image / "params.yaml")
+    written = runtime.params_path("train: {lr: 0.2}\n")
+    cfg = load_config(written, "big")
+    assert (cfg.train.lr, cfg.train.epochs) == (0.2, 42)
+    monkeypatch.setenv(PROFILES_ENV, str(ROOT / PROFILES_DIR))  # what run_local sets: the checkout's
+    written = runtime.params_path("train: {lr: 0.2}\n")
+    assert load_config(written, "cub").model.backbone == "resnet50"
+    with pytest.raises(ConfigError, match="profile 'big' is not in"):
+        load_config(written, "big")
 
 
 def test_numeric_leaves_flattens_and_drops_what_kfp_cannot_hold():
