@@ -11,6 +11,7 @@ import torch
 from tasn import checkpoint, storage
 from tasn.config import Config
 from tasn.model import build_model
+from tasn.training.outputs import MODEL
 
 
 def _draws():
@@ -57,7 +58,7 @@ def test_model_file_rebuilds_the_same_network(tmp_path, kind):
     cfg.model.att_head_channels, cfg.model.att_size, cfg.model.out_size = 16, 32, 32
     torch.manual_seed(0)
     model = build_model(cfg.model, 3).eval()
-    path = checkpoint.save_model(str(tmp_path / "model.pt"), model, cfg.to_dict(), ["a", "b", "c"])
+    path = checkpoint.save_model(str(tmp_path / MODEL), model, cfg.to_dict(), ["a", "b", "c"])
     loaded, meta = checkpoint.load_model(path)
     assert meta["classes"] == ["a", "b", "c"] and meta["kind"] == kind
     assert meta["config"]["model"]["att_size"] == 32

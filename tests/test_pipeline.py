@@ -136,7 +136,7 @@ def test_numeric_leaves_flattens_and_drops_what_kfp_cannot_hold():
 
 def test_read_confusion_matches_a_direct_count(tmp_path):
     rows = [("crow", "crow"), ("crow", "jay"), ("jay", "jay"), ("wren", "crow"), ("jay", "jay")]
-    path = tmp_path / "confusion.csv"
+    path = tmp_path / evaluate.CONFUSION_CSV
     path.write_text("actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in rows))
     cats, matrix = runtime.read_confusion(path)
     assert cats == ["crow", "jay", "wren"]
