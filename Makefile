@@ -60,4 +60,4 @@ lint: install
 	-duplicates --repo . --most 20 2>/dev/null
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
