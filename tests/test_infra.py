@@ -929,6 +929,7 @@ def test_mlflow_runs_the_basic_auth_app_with_its_secrets(rendered, overlay, tmp_
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     ini = _configmaps(docs, NAMESPACE)[volume["configMap"]["name"]][path.name]
     (tmp_path / path.name).write_text(ini)
+    _import("flask_wtf")  # mlflow[auth]: the basic-auth package imports it
     from mlflow.server.auth.config import read_auth_config
 
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / path.name))
@@ -943,6 +944,8 @@ def test_mlflow_runs_the_basic_auth_app_with_its_secrets(rendered, overlay, tmp_
     assert get_permission(config.default_permission).can_update is False, "default permission must not write"
     init = _configmaps(docs, NAMESPACE)["tasn-postgres-init"]
     assert any("CREATE DATABASE mlflow_auth" in sql for sql in init.values())
+    # the image can run what this asks: the auth app's Flask-WTF, SQLAlchemy 2.1's postgresql:// driver
+    assert {"flask-wtf", "psycopg", "psycopg-binary"} <= set(_locked())
 
 
 def _all_docs(rendered, profile):
