@@ -48,7 +48,7 @@ bench: install
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train_step.py
 
-LINTED := tasn components pipelines benchmarks tests scripts infra/crds/generate.py
+LINTED := tasn components pipelines benchmarks tests scripts infra/crds/generate.py infra/crds/validate.py
 
 # ruff and mypy read their settings from pyproject.toml; the tests are type-checked without
 # check_untyped_defs (their bodies carry no annotations).

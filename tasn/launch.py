@@ -91,6 +91,7 @@ class TrainJobSpec:
     memory_per_node: str = "64Gi"
     service_account: str = "tasn-trainer"
     s3_secret: str = "tasn-s3-credentials"  # keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
+    mlflow_secret: str = "tasn-mlflow-credentials"  # keys MLFLOW_TRACKING_USERNAME and _PASSWORD
     kind: str = "TrainJob"  # or PyTorchJob (legacy training-operator)
 
     def check(self) -> None:
@@ -116,9 +117,11 @@ def job_name(key: str) -> str:
 def _env(spec: TrainJobSpec, environ: dict[str, str]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": PARAMS_ENV, "value": spec.params_yaml}]
     env += [{"name": k, "value": environ[k]} for k in FORWARDED_ENV if environ.get(k)]
+    secrets = {spec.s3_secret: ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+               spec.mlflow_secret: ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     env += [
-        {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key}}}
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for secret, keys in secrets.items() for key in keys
     ]
     return env
 
@@ -136,6 +139,20 @@ def node_args(spec: TrainJobSpec) -> list[str]:
 NODE_COMMAND = ["python", "-m", "tasn.launch", "node"]
 LABELS = {"app.kubernetes.io/name": "tasn", "app.kubernetes.io/component": "train",
           "app.kubernetes.io/managed-by": "tasn-pipeline"}
+# The labels infra/k8s/base/networkpolicies.yaml selects training pods by: S3 egress and
+# trainer <-> trainer traffic (component trainer), MLflow ingress (tasn/mlflow-client).
+POD_LABELS = {"app.kubernetes.io/name": "tasn", "app.kubernetes.io/component": "trainer",
+              "tasn/mlflow-client": "true"}
+# Pod Security "restricted", as the namespace enforces it (the same as the TrainingRuntime's pods):
+# a PyTorchJob has no runtime to inherit it from, so its pods carry it themselves.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+# Writable places on a read-only root: /tmp, the node's data and outputs, shared memory for
+# DataLoader workers and NCCL.
+SCRATCH = {"/tmp": ("tmp", {"sizeLimit": "2Gi"}), "/workspace": ("workspace", {"sizeLimit": "500Gi"}),
+           "/dev/shm": ("dshm", {"medium": "Memory", "sizeLimit": "64Gi"})}
 
 
 def _resources(spec: TrainJobSpec) -> dict[str, Any]:
@@ -167,13 +184,17 @@ def render_pytorchjob(spec: TrainJobSpec, name: str, environ: dict[str, str] | N
     `nprocPerNode` the operator sets the `PET_*` variables torchrun reads, as the Trainer does."""
     spec.check()
     environ = dict(os.environ if environ is None else environ)
+    env = [*_env(spec, environ), {"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/workspace"}]
     container = {"name": "pytorch", "image": spec.image, "command": NODE_COMMAND, "args": node_args(spec),
-                 "env": _env(spec, environ), "resources": _resources(spec)}
+                 "env": env, "resources": _resources(spec), "securityContext": CONTAINER_SECURITY,
+                 "volumeMounts": [{"name": vol, "mountPath": path} for path, (vol, _) in SCRATCH.items()]}
+    pod = {**_pod_spec(spec), "automountServiceAccountToken": False, "securityContext": POD_SECURITY,
+           "containers": [container],
+           "volumes": [{"name": vol, "emptyDir": dict(empty)} for vol, empty in SCRATCH.values()]}
 
     def replicas(n: int) -> dict[str, Any]:
         return {"replicas": n, "restartPolicy": "OnFailure",
-                "template": {"metadata": {"labels": dict(LABELS)},
-                             "spec": {**_pod_spec(spec), "containers": [container]}}}
+                "template": {"metadata": {"labels": dict(POD_LABELS)}, "spec": pod}}
 
     specs = {"Master": replicas(1)}
     if spec.num_nodes > 1:
@@ -214,7 +235,10 @@ def render_trainjob(spec: TrainJobSpec, name: str, environ: dict[str, str] | Non
                 "numProcPerNode": max(spec.gpus_per_node, 1),
                 "resourcesPerNode": _resources(spec),
             },
-            "podTemplateOverrides": [{"targetJobs": [{"name": NODE_JOB}], "spec": _pod_spec(spec)}],
+            # The pod's securityContext comes from the runtime (v2.1 overrides cannot set it);
+            # the labels are set here too, so the NetworkPolicies match on any runtime.
+            "podTemplateOverrides": [{"targetJobs": [{"name": NODE_JOB}], "metadata": {"labels": dict(POD_LABELS)},
+                                      "spec": _pod_spec(spec)}],
         },
     }
 

@@ -19,6 +19,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
+import yaml
+from referencing import Registry, Resource
+
 # The Kubernetes API version the manifests target (also the core types inside the CRD schemas).
 KUBERNETES_VERSION = "1.34.0"
 K8S_DEFS_ID = "https://kubernetes.io/api/_definitions.json"
@@ -41,11 +46,9 @@ def kubernetes_definitions() -> dict:
     return json.loads(path.read_text())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(api_version: str, kind: str):
     """A jsonschema validator for one CRD kind, with the Kubernetes definitions resolvable."""
-    import jsonschema
-    from referencing import Registry, Resource
 
     schema = json.loads((HERE / CRD_SCHEMAS[(api_version, kind)]).read_text())
     registry = Registry().with_resource(K8S_DEFS_ID, Resource.from_contents(kubernetes_definitions()))
@@ -67,7 +70,6 @@ def validate_document(doc) -> list[str]:
         validator = crd_validator(*key)
         errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
         return [f"{_where(e)}: {e.message}" for e in errors]
-    import kubernetes_validate
 
     try:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -80,7 +82,6 @@ def validate_document(doc) -> list[str]:
 
 def validate_stream(text: str, source: str) -> list[str]:
     """Errors for every document of one YAML stream, each prefixed with where it is."""
-    import yaml
 
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
