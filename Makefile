@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Servers the integration tests start on 127.0.0.1: Ceph RGW (S3). Installed from Debian when absent.
+# Servers the integration tests start on 127.0.0.1: Ceph RGW (S3) and PostgreSQL (MLflow's store in
+# the cluster). Installed from Debian when absent.
 system-deps:
 	@if ! command -v radosgw >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -32,6 +33,13 @@ system-deps:
 	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      ceph-mon ceph-osd radosgw ceph-common >/dev/null; \
 	  else echo "radosgw missing and not root: S3 integration tests will be skipped"; fi; \
+	fi
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing PostgreSQL for the MLflow authentication tests"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      postgresql >/dev/null; \
+	  else echo "PostgreSQL missing and not root: the MLflow authentication tests will be skipped"; fi; \
 	fi
 
 run: install

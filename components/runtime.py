@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tasn.config import installed_params, write_params
+from tasn.redact import redact_argv
 
 
 def params_path(params_yaml: str) -> str:
@@ -67,7 +68,7 @@ def run_tasn(stage_args: Sequence[str], params_yaml: str = "", profile: str = ""
              overrides: Iterable[str] = (), launcher: Sequence[str] = ()) -> None:
     """Run one stage; its output streams to the task log. A non-zero exit fails the task."""
     argv = tasn_argv(stage_args, params_yaml, profile, overrides, launcher)
-    print("+ " + " ".join(argv), flush=True)
+    print("+ " + " ".join(redact_argv(argv)), flush=True)  # -S values may be credentials
     code = subprocess.call(argv)
     if code != 0:
         raise RuntimeError(f"`tasn {stage_args[0]}` exited with status {code} (see the log above)")

@@ -15,6 +15,8 @@ from tasn import __version__
 from tasn.commands import data, evaluate, pipeline, predict, registry, train
 from tasn.commands.common import common_parser
 from tasn.errors import TASNError
+from tasn.redact import install_log_redaction, redact_text
+from tasn.tracking import refusal
 
 # Modules that each define add_commands(subparsers, common): the order is the order in --help.
 COMMAND_MODULES = (data, train, evaluate, registry, predict, pipeline)
@@ -41,14 +43,23 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_redaction()
     try:
         return int(args.func(args) or 0)
     except TASNError as exc:
-        print(f"tasn {args.command}: error: {exc}", file=sys.stderr)
+        refused = refusal(exc)  # an MLflow server's 401/403 behind it: who was refused, and what to set
+        detail = f"\n  {refused}" if refused else ""
+        print(f"tasn {args.command}: error: {redact_text(str(exc) + detail)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"tasn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        refused = refusal(exc)
+        if refused is None:
+            raise
+        print(f"tasn {args.command}: error: {refused}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from kubernetes import config as k8s_config
 from tasn import storage
 from tasn.config import installed_params, write_params
 from tasn.errors import ServiceError, TASNError
+from tasn.redact import install_log_redaction
+from tasn.storage import copy_tree
 from tasn.training.outputs import CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -320,20 +322,6 @@ def follow(
         sleep(poll_s)
 
 
-def copy_tree(src: str, dest: str) -> int:
-    """Copy every file under a local directory or S3 prefix to another; returns the file count."""
-    src = src.rstrip("/")
-    if storage.is_s3(src):
-        files = storage.list_prefix(src)
-        rels = [f[len(src) + 1:] for f in files]
-    else:
-        files = sorted(str(p) for p in Path(src).rglob("*") if p.is_file())
-        rels = [str(Path(f).relative_to(src)) for f in files]
-    for f, rel in zip(files, rels):
-        storage.write_bytes(storage.join(dest, rel), storage.read_bytes(f))
-    return len(files)
-
-
 def kube_api() -> k8s_client.CustomObjectsApi:
     """A CustomObjectsApi from the in-cluster service account, else the local kubeconfig."""
     try:
@@ -400,6 +388,7 @@ def node_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     if len(sys.argv) < 2 or sys.argv[1] != "node":
         sys.exit("usage: python -m tasn.launch node --data-uri S3 --work-uri S3 [--profile P] [-S k=v ...]")
     try:

@@ -1,4 +1,5 @@
-"""Byte I/O on a local path or an `s3://bucket/key` URI, the same four calls for both.
+"""Byte I/O on a local path or an `s3://bucket/key` URI, the same calls for both, and `copy_tree`
+between them.
 
 Checkpoints and pretrained weights may live on a laptop disk or in an object store (AWS, Ceph RGW,
 MinIO); the training loop should not care which. Local writes are atomic (`tasn.io`); an S3 PUT is
@@ -15,7 +16,7 @@ import functools
 import os
 from pathlib import Path
 
-from tasn.errors import ServiceError
+from tasn.errors import DataError, ServiceError
 from tasn.io import atomic_write_bytes
 
 S3_PREFIX = "s3://"
@@ -122,3 +123,40 @@ def list_prefix(uri: str, endpoint: str | None = None) -> list[str]:
         return sorted(f"{S3_PREFIX}{bucket}/{k}" for k in keys)
 
     return _s3_call(uri, endpoint, _list)
+
+
+def copy_tree(src: str, dest: str) -> int:
+    """Copy every file under a local directory or S3 prefix to a local directory or S3 prefix;
+    returns the file count. (The multi-node launcher's data download, model upload and fetch.)
+
+    An object key is whatever whoever wrote the bucket chose: one naming a `..` segment, starting
+    with `/` below the prefix, or landing outside `dest` on disk (through a symlink already there)
+    is a DataError naming it, raised before anything is written. Folder markers (keys ending in
+    `/`) are not files and are skipped."""
+    src = str(src).rstrip("/")
+    if is_s3(src):
+        files = list_prefix(src)
+        rels = [f[len(src) + 1:] for f in files]
+    else:
+        files = sorted(str(p) for p in Path(src).rglob("*") if p.is_file())
+        rels = [Path(f).relative_to(src).as_posix() for f in files]
+    pairs = [(f, _contained(src, dest, rel)) for f, rel in zip(files, rels) if rel and not rel.endswith("/")]
+    for f, target in pairs:
+        write_bytes(target, read_bytes(f))
+    return len(pairs)
+
+
+def _contained(src: str, dest: str, rel: str) -> str:
+    """`dest`/`rel`, when that stays inside `dest`."""
+    why = ""
+    if rel.startswith("/"):
+        why = "starts with '/'"
+    elif ".." in rel.split("/"):
+        why = "has a '..' segment"
+    elif not is_s3(dest):
+        root = Path(dest).resolve()
+        if not (root / rel).resolve().is_relative_to(root):
+            why = f"resolves to {(root / rel).resolve()}"
+    if why:
+        raise DataError(f"{join(src, rel)}: key {rel!r} {why}, outside the destination {dest}; nothing was copied")
+    return join(dest, rel)

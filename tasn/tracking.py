@@ -6,7 +6,12 @@ artifacts under `mlruns/` in the working directory (so `mlflow ui` in the projec
 A remote server is checked before training starts, so a wrong URI costs seconds, not an epoch.
 During the run every MLflow call goes through `Run`, which retries with backoff and, if the server
 stays away, logs a warning and carries on: losing a metric point is better than losing a week of
-GPU time. Nothing that looks like a credential is ever sent as a param or tag.
+GPU time.
+
+Credentials: the MLflow client reads MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (basic
+auth, as the cluster's server wants) or MLFLOW_TRACKING_TOKEN; the connection check sends the same.
+A tracking URI with userinfo (`https://user:pw@host`) is split into those variables, so MLflow,
+run.json and every message see only `https://host`. Params and tags go through `tasn.redact`.
 
 mlflow itself is imported on first use (`_mlflow()`), so the training stage, and the benchmarks
 built on it, run with tracking off on a machine without the MLOps stack.
@@ -20,8 +25,6 @@ import os
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,13 +36,16 @@ import yaml
 from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
 from tasn.io import read_json
+from tasn.redact import REDACTED as REDACTED  # the marker scrubbed values carry
+from tasn.redact import redact_mapping, redact_text, redact_uri, split_userinfo
 
 log = logging.getLogger(__name__)
 
-# Environment variables whose values are credentials: never logged, and redacted wherever seen.
-SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY)", re.IGNORECASE)
-SECRET_KEY_NAME = re.compile(r"(aws_|secret|password|token|credential|access_key)", re.IGNORECASE)
-REDACTED = "***"
+USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"  # MLflow reads both
+# What the connection check asks for: any authenticated user may list experiments (the basic-auth
+# app filters the answer by permission), and a server without authentication answers it too.
+PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
+PROBE_READ_TIMEOUT_S = 60.0  # a loaded server may take seconds (basic auth hashes the password); no answer is fast
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
@@ -78,9 +84,12 @@ class RunInfo:
 
 def resolve_uri(cfg: TrackingConfig, run_uri: str | None = None) -> str:
     """config `tracking.uri` > `run_uri` (the store a run already lives in: register and evaluate
-    go where train went) > MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db."""
-    return (cfg.uri or run_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    go where train went) > MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db. run.json records a URI
+    without credentials; MLFLOW_TRACKING_URI naming the same server with them stands in for it."""
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if run_uri and env_uri and split_userinfo(env_uri)[0] == run_uri:
+        run_uri = env_uri  # the same server: the environment's URI may carry its credentials
+    return cfg.uri or run_uri or env_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def local_artifact_root() -> str:
@@ -88,33 +97,77 @@ def local_artifact_root() -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, with the URI named, when an http(s) tracking server does not answer its
-    health endpoint, or a sqlite store's folder cannot be written."""
+    """Fail fast, with the server named, when an http(s) tracking server does not take a
+    connection within `timeout` seconds or does not answer, or refuses the credentials MLflow will
+    send (the same request MLflow's client makes), or a sqlite store's folder cannot be written."""
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        shown = redact_uri(uri)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                if resp.status >= 500:
-                    raise ServiceError(f"MLflow tracking server {uri} answered {resp.status} at {url}")
-        except urllib.error.HTTPError as exc:
-            if exc.code >= 500:
-                raise ServiceError(f"MLflow tracking server {uri} answered {exc.code} at {url}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+            resp = http_request(get_default_host_creds(uri), PROBE_ENDPOINT, "GET", max_retries=0,
+                                timeout=(timeout, PROBE_READ_TIMEOUT_S),
+                                raise_on_status=False, params={"max_results": 1})
+        except MlflowException as exc:
             raise ServiceError(
-                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or set "
+                f"MLflow tracking server {shown} is not reachable ({redact_text(exc.message)}); start it, or set "
                 "tracking.uri / MLFLOW_TRACKING_URI to a running server (unset both for a local "
                 "sqlite store), or -S tracking.enabled=false to train without tracking"
-            ) from exc
+            ) from None
+        if resp.status_code in (401, 403):
+            raise ServiceError(access_refused(shown, resp.status_code))
+        if resp.status_code >= 500:
+            raise ServiceError(f"MLflow tracking server {shown} answered {resp.status_code} at {PROBE_ENDPOINT}")
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise ServiceError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
 
 
+def access_refused(server: str, status: int, what: str = "") -> str:
+    """The message for a 401 (who are you?) or 403 (not allowed) from an MLflow server."""
+    user = os.environ.get(USER_ENV)
+    if status == 401:
+        who = f"did not accept user {user!r}" if user else "needs a user, and none was given"
+        return (f"MLflow tracking server {server} {who} (401 Unauthorized): set {USER_ENV} and {PASSWORD_ENV} "
+                "to an account of that server (in the cluster: the Secret tasn-mlflow-credentials)")
+    return (f"MLflow tracking server {server} refused {what or 'the request'} to user {user or '(none)'!r} "
+            f"(403 Permission denied): ask its admin for the permission (moving an alias or registering a "
+            f"version needs EDIT on the registered model), or set {USER_ENV} / {PASSWORD_ENV} to a user who has it")
+
+
+def refusal(exc: BaseException) -> str | None:
+    """For an MLflow client error that is a 401/403 from the server (`exc` or one of its causes):
+    what `access_refused` says, naming the current tracking server and the refused endpoint;
+    else None."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        code = getattr(cause, "error_code", None)
+        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            endpoint = re.search(r"endpoint (\S+)", str(getattr(cause, "message", "")))
+            server = redact_uri(_mlflow().get_tracking_uri())
+            return access_refused(server, 401 if code == "UNAUTHENTICATED" else 403, endpoint[1] if endpoint else "")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def setup(cfg: TrackingConfig, run_uri: str | None = None) -> str:
-    """Point MLflow at the store `resolve_uri` picks after checking it answers; return the URI."""
+    """Point MLflow at the store `resolve_uri` picks after checking it answers; return the URI.
+
+    The userinfo of a server's URI moves to MLFLOW_TRACKING_USERNAME / _PASSWORD (what MLflow
+    reads), and `cfg.uri` / MLFLOW_TRACKING_URI are rewritten without it: MLflow, the params,
+    run.json, model.pt and checkpoints (which record the config) never see the credentials."""
     uri = resolve_uri(cfg, run_uri)
+    if uri.startswith(("http://", "https://")):
+        uri, user, password = split_userinfo(uri)
+        for name, value in ((USER_ENV, user), (PASSWORD_ENV, password)):
+            if value is not None:
+                os.environ[name] = value
+        cfg.uri = split_userinfo(cfg.uri)[0]
+        if "MLFLOW_TRACKING_URI" in os.environ:
+            os.environ["MLFLOW_TRACKING_URI"] = split_userinfo(os.environ["MLFLOW_TRACKING_URI"])[0]
     check_reachable(uri)
     if cfg.s3_endpoint:
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.s3_endpoint
@@ -134,24 +187,10 @@ def experiment_id(name: str, uri: str) -> str:
 
 # -- what -----------------------------------------------------------------------------------
 
-def secret_values() -> list[str]:
-    """Values of credential-like environment variables (long enough to be worth matching)."""
-    return [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8 and "://" not in v]
-
-
 def scrub(mapping: dict[str, Any]) -> dict[str, Any]:
-    """Drop credential-named keys' values and redact any secret value found inside a value."""
-    secrets = secret_values()
-    out = {}
-    for key, value in mapping.items():
-        if SECRET_KEY_NAME.search(str(key)):
-            out[key] = REDACTED
-            continue
-        text = str(value)
-        for secret in secrets:
-            text = text.replace(secret, REDACTED)
-        out[key] = text if text != str(value) else value
-    return out
+    """What may be sent as MLflow params or tags: `tasn.redact.redact_mapping` (credential-named
+    keys' values and secrets inside values become `REDACTED`)."""
+    return redact_mapping(mapping)
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
@@ -204,7 +243,7 @@ class Run:
     def __init__(self, cfg: TrackingConfig, tags: dict[str, Any], run_id: str | None = None,
                  run_name: str | None = None, retry_delay: float = 2.0):
         self.mlflow = _mlflow()
-        self.uri = setup(cfg)
+        self.uri = split_userinfo(setup(cfg))[0]  # what run.json records: a store's URI without credentials
         self.retry_delay = retry_delay
         self.experiment_id = experiment_id(cfg.experiment, self.uri)
         system = system_metrics_wanted(cfg.system_metrics)

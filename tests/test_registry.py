@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 
 from tasn import registry
 from tasn.cli import main
+from tasn.errors import ServiceError
 from tasn.model import Baseline
 from tasn.predict import Predictor, log_model
 from tasn.registry import lock
@@ -199,11 +201,69 @@ def test_the_lock_serialises_promotions(runs, name):
     assert lock.lock_tags(mc, name + lock.LOCK_SUFFIX) is None  # the lock model is gone
 
 
-def test_an_expired_lock_is_taken_over(runs, name):
+def test_a_lock_nobody_renews_is_taken_over_after_one_lease(runs, name, monkeypatch):
+    """A lock left by a dead holder (here one of the old format, with no lease or beat tags)."""
+    monkeypatch.setattr(lock, "LOCK_LEASE_S", 1.0)
     v1 = add(runs, name, 0.5)
     mc = registry.client()
     mc.create_registered_model(name + lock.LOCK_SUFFIX, tags={"owner": "dead@host", "token": "t", "expires": "1.0"})
+    start = time.monotonic()
     assert registry.gate(name, v1).applied and holder(name) == v1
+    assert time.monotonic() - start >= 1.0  # it waited for the lease to run out on its own clock
+
+
+# A promotion that holds the lock (heartbeat running) until it is killed.
+HOLDER = """
+import sys, time
+from tasn.registry import lock, versions
+with lock.promotion_lock(versions.client(sys.argv[1]), sys.argv[2], lease=float(sys.argv[3])):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_holder_delays_the_next_promotion_by_at_most_one_lease(runs, name, mlflow_server, monkeypatch):
+    lease = 3.0
+    monkeypatch.setattr(lock, "LOCK_LEASE_S", lease)
+    v1 = add(runs, name, 0.5)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, mlflow_server.url, name, str(lease)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "holding\n"
+        # alive and heartbeating: never taken over, however long past one lease we wait
+        start = time.monotonic()
+        with pytest.raises(ServiceError, match="is being promoted by"), lock.promotion_lock(
+                registry.client(), name, timeout=3 * lease):
+            pass
+        assert time.monotonic() - start >= 3 * lease and holder(name) is None
+        beat = lock.lock_tags(registry.client(), name + lock.LOCK_SUFFIX)[lock.BEAT_TAG]
+        assert int(beat.split()[0]) >= 3  # renewed every lease / 3
+        proc.kill()  # SIGKILL: no finally, no release
+        proc.wait(30)
+        killed = time.monotonic()
+        decision = registry.gate(name, v1)
+        waited = time.monotonic() - killed
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert decision.applied and holder(name) == v1
+    assert lease <= waited < 2 * lease  # taken over once the lease ran out, not before, not much after
+    assert registry.history(name)["consistent"]
+
+
+def test_a_holder_that_lost_its_lock_stops_and_spares_the_successor(runs, name):
+    """A heartbeat that stalled for a lease lets a waiter take over: the old holder finds out before
+    it changes anything, and its release leaves the successor's lock alone."""
+    mc = registry.client()
+    with lock.promotion_lock(mc, name) as held:
+        held.verify()  # ours
+        lock.release(mc, held.lock, held.token)  # what a waiter does to a lock it finds stale
+        mc.create_registered_model(held.lock, tags={"owner": "successor@host", "token": "theirs", "beat": "0"})
+        with pytest.raises(ServiceError, match="lost the promotion lock .*now held by successor@host"):
+            held.verify()
+    assert lock.lock_tags(mc, held.lock)["token"] == "theirs"
+    lock.release(mc, held.lock, "theirs")
 
 
 def test_two_concurrent_gates_end_on_the_better_candidate(runs, name):

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from tasn.config import DEFAULT_PARAMS, PROFILES_DIR, Config, find_params, load_config
+from tasn.redact import redact_text
 
 Subparsers = Any  # argparse's private _SubParsersAction, as add_subparsers returns it
 
@@ -34,4 +35,5 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """A stage's result on stdout, credentials redacted (`tasn.redact.redact_text`)."""
+    print(redact_text(json.dumps(obj, indent=2, sort_keys=True, default=str)))

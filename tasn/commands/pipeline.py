@@ -52,13 +52,14 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _run_local(args: argparse.Namespace) -> int:
     from pipelines.runner import run_local
+    from tasn.redact import redact_uri
     from tasn.tracking import resolve_uri
 
     cfg = config_from_args(args)  # checks params, profile and overrides before any task starts
     result = run_local(args.data or cfg.data.raw, find_params(args.params), args.profile, args.overrides,
                        args.pipeline_root)
     print(f"pipeline finished in {result['seconds']:.0f} s; task outputs under {result['pipeline_root']}")
-    print(f"look at the runs and the registry: mlflow ui --backend-store-uri {resolve_uri(cfg.tracking)}")
+    print(f"look at the runs and the registry: mlflow ui --backend-store-uri {redact_uri(resolve_uri(cfg.tracking))}")
     return 0
 
 

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from tasn.errors import RegistryError, ServiceError
 from tasn.registry.gate import Outcome, judge, require_reason
-from tasn.registry.lock import promotion_lock
+from tasn.registry.lock import Lease, promotion_lock
 from tasn.registry.tags import DATA_VERSION_TAG, PRODUCTION, PROMOTION_TAG, SEQ_TAG, UNKNOWN
 from tasn.registry.versions import actor, alias_holder, client, get_version, standing, utc_now
 
@@ -72,7 +72,7 @@ def gate(
     mc = mlflow_client or client()
     mv = get_version(mc, name, version)
     candidate = standing(mv, primary_metric, required=not force)
-    with promotion_lock(mc, name) if not dry_run else contextlib.nullcontext():
+    with promotion_lock(mc, name) if not dry_run else contextlib.nullcontext() as lease:
         holder = alias_holder(mc, name, alias)
         incumbent = standing(holder, primary_metric) if holder is not None else None
         verdict = judge(candidate, incumbent, alias=alias, primary_metric=primary_metric, forced=forced)
@@ -84,7 +84,7 @@ def gate(
             data_version=candidate.data_version, forced=force, dry_run=dry_run,
         )
         if decision.promote and not dry_run:
-            decision = _move_alias(mc, decision, mv.run_id)
+            decision = _move_alias(mc, decision, mv.run_id, lease)
     log.info("gate %s v%s -> %s: %s (%s)", name, decision.version, alias, decision.decision, decision.reason)
     return decision
 
@@ -104,7 +104,7 @@ def to_production(
     must beat.
     """
     mc = mlflow_client or client()
-    with promotion_lock(mc, name) if not dry_run else contextlib.nullcontext():
+    with promotion_lock(mc, name) if not dry_run else contextlib.nullcontext() as lease:
         staged = alias_holder(mc, name, source_alias)
         if staged is None:
             raise RegistryError(f"no version of {name!r} holds {source_alias!r}: promote one to {source_alias} first")
@@ -125,7 +125,7 @@ def to_production(
             data_version=staged.tags.get(DATA_VERSION_TAG, UNKNOWN), dry_run=dry_run,
         )
         if decision.promote and not dry_run:
-            decision = _move_alias(mc, decision, staged.run_id)
+            decision = _move_alias(mc, decision, staged.run_id, lease)
     return decision
 
 
@@ -135,9 +135,11 @@ def _next_seq(mc: MlflowClient, name: str) -> int:
     return seq
 
 
-def _move_alias(mc: MlflowClient, decision: Decision, run_id: str | None) -> Decision:
+def _move_alias(mc: MlflowClient, decision: Decision, run_id: str | None, lease: Lease | None) -> Decision:
     """Set the alias, record the promotion on the version, and check the alias stayed put.
-    Call under the promotion lock. Returns the decision, applied."""
+    Call under the promotion lock (`lease`, checked still ours first). Returns the decision, applied."""
+    if lease is not None:
+        lease.verify()
     seq = _next_seq(mc, decision.name)
     mc.set_registered_model_alias(decision.name, decision.alias, decision.version)
     record = {
