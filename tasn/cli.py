@@ -2,14 +2,21 @@
 
 Each area's subcommands live in `tasn.commands.<area>` and import their stage module only when run,
 so `tasn --help` is fast and a command needs only the dependencies of its own stage. A user-facing
-error (`tasn.errors.TASNError`) is printed as one line, with its exit code; no traceback.
+error (`tasn.errors.TASNError`), or an OSError from the filesystem, is printed as one line, with
+its exit code; no traceback (`-v` logs it). SIGTERM, which Kubernetes and `timeout` send, runs the
+same cleanup as Ctrl-C (temporaries removed, worker processes stopped, outputs left as they were)
+and exits 143, Ctrl-C 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from tasn import __version__
 from tasn.commands import data, evaluate, pipeline, predict, registry, train
@@ -20,6 +27,28 @@ from tasn.tracking import refusal
 
 # Modules that each define add_commands(subparsers, common): the order is the order in --help.
 COMMAND_MODULES = (data, train, evaluate, registry, predict, pipeline)
+log = logging.getLogger("tasn")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that everything that cleans up after Ctrl-C (a
+    KeyboardInterrupt) does so after SIGTERM too."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,21 +73,31 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     install_log_redaction()
+    action = getattr(args, f"{args.command}_command", None)  # `data import-cub`, `registry ...`
+    name = f"tasn {args.command}" + (f" {action}" if action else "")
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_raises():
+            return int(args.func(args) or 0)
     except TASNError as exc:
         refused = refusal(exc)  # an MLflow server's 401/403 behind it: who was refused, and what to set
         detail = f"\n  {refused}" if refused else ""
-        print(f"tasn {args.command}: error: {redact_text(str(exc) + detail)}", file=sys.stderr)
+        print(f"{name}: error: {redact_text(str(exc) + detail)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the filesystem said no (permissions, a full disk, a file where a folder goes)
+        log.debug("%s failed", name, exc_info=True)
+        print(f"{name}: error: {redact_text(str(exc))}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"tasn {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         refused = refusal(exc)
         if refused is None:
             raise
-        print(f"tasn {args.command}: error: {refused}", file=sys.stderr)
+        print(f"{name}: error: {refused}", file=sys.stderr)
         return 1
 
 

@@ -1,50 +1,139 @@
 """Stage files: atomic writes (a killed stage leaves either the old output or the new one, never
-half of one), and reading a JSON object another stage wrote, with errors that name the file."""
+half of one), the sweep of what killed runs left behind, and reading text and JSON another stage or
+a person wrote, with errors that name the file.
+
+Temporaries. Everything is first written beside its target as `.<name>.<12 hex>.tmp` (a file or a
+directory) and locked with flock(2) by the process writing it for as long as it writes. SIGKILL
+leaves no chance to clean up, but the kernel drops a dead process's locks; so `sweep_temps(path)`,
+run when a stage starts writing `path`, removes exactly the temporaries nobody holds (those of
+killed runs) and never those of a run still going. A temporary is created as `....new`, locked,
+then renamed to `....tmp`, so no sweep can see a live one unlocked.
+
+Replacing a directory. Linux can swap two names in one step (renameat2 with RENAME_EXCHANGE), so a
+reader of `path` always finds a complete directory: the old one up to the swap, the new one after.
+Where it cannot (another OS, a filesystem without it) the swap is two renames through
+`.<name>.old`, and the next run restores that if a kill fell between them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tasn.errors import TASNError
 
+log = logging.getLogger(__name__)
 
-def _read_umask() -> int:
-    """The process umask. Reading it means setting it, so this runs once, at import, rather than
-    around every write, where another thread could create a file under the temporary 0 mask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+STAGING_GRACE_S = 60.0  # a `.new` older than this was never renamed to `.tmp`: its creator died in between
+# This module's temporaries end in 12 hex digits; 8 of [a-z0-9_] are the tempfile.mkdtemp names
+# of earlier versions, left by runs killed before the sweep existed.
+_TOKEN = r"(?:[0-9a-f]{12}|[a-z0-9_]{8})"
 
 
-_UMASK = _read_umask()
+def _temp_name(path: Path, state: str) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.{state}")
+
+
+def _make_dir(p: Path) -> int:
+    os.mkdir(p, 0o777)  # the umask applies, as for any directory the user creates
+    return os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _make_file(p: Path) -> int:
+    return os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+
+
+@contextlib.contextmanager
+def _held_temp(path: Path, make: Callable[[Path], int]) -> Iterator[tuple[Path, int]]:
+    """A new temporary beside `path`, flock-ed for the duration of the block: (its path, its fd)."""
+    staging = _temp_name(path, "new")
+    fd = make(staging)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: never swept, never lost
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tmp = staging.with_suffix(".tmp")
+        os.rename(staging, tmp)
+        yield tmp, fd
+    finally:
+        os.close(fd)
+
+
+def _abandoned(p: str) -> bool:
+    """True when no live process holds the temporary at `p` (its lock can be taken)."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a run still going (or locks unsupported): not ours to remove
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def sweep_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries of `path` that killed runs left (see the module docstring); returns
+    what was removed. Temporaries of other names, and of runs still writing, are left alone."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TOKEN}\.(tmp|new)")
+    try:
+        entries = list(os.scandir(path.parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match:
+            continue
+        if match.group(1) == "new" and time.time() - entry.stat(follow_symlinks=False).st_mtime < STAGING_GRACE_S:
+            continue  # being renamed to .tmp this instant, or its creator just died: the next run sees
+        if _abandoned(entry.path):
+            _remove(Path(entry.path))
+            removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d temporar%s of %s left by killed runs", len(removed), "y" if len(removed) == 1 else "ies",
+                 path)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file beside `path`, fsync, then rename over it.
-
-    mkstemp creates files 0600; the result gets the usual 0666 & ~umask, like a plain open().
-    """
+    """Write to a locked temporary file beside `path`, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _held_temp(path, _make_file) as (tmp, fd):
+        try:
+            with open(fd, "wb", closefd=False) as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     return path
 
 
@@ -56,32 +145,132 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    _renameat2.restype = ctypes.c_int
+
+
+def exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Swap the names `a` and `b` in one step; False where the OS or filesystem cannot (nothing moved)."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _install(tmp: Path, path: Path) -> None:
+    """Put the finished `tmp` at `path` (module docstring: replacing a directory)."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+    elif exchange(tmp, path):
+        _remove(tmp)  # the old tree, now under the temporary's name (swept if a kill lands here)
+    else:
+        old = _old(path)
+        if os.path.lexists(old):
+            _remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+
+
+def check_apart(source: str | os.PathLike[str], output: str | os.PathLike[str], error: type[TASNError] = TASNError,
+                what: str = "the output") -> None:
+    """Refuse an `output` that is `source`, holds it or sits inside it: replacing the output (or
+    writing into the input) would destroy or change what the stage reads."""
+    src, out = Path(source).resolve(), Path(output).resolve()
+    if src == out or src.is_relative_to(out) or out.is_relative_to(src):
+        raise error(f"{output}: {what} must be outside {source} and must not contain it "
+                    "(writing it would destroy or change the input)")
+
+
+def _output_dir(path: Path) -> None:
+    """`path` can be replaced: it has a name of its own and its parent is (or can be) a directory."""
+    if path.name in ("", ".", ".."):
+        raise TASNError(f"{path}: name the directory to write (e.g. out/prepared), not '.', '..' or '/'")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TASNError(f"{path.parent}: cannot create the folder for {path.name} ({exc.strerror})") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `path`; on success it replaces `path` whole.
+    """Yield a fresh, locked temporary directory beside `path`; on success it replaces `path` whole.
 
-    On an exception the temporary directory is removed and `path` is left exactly as it was.
-    The swap is two renames (old aside, new in), so at every instant a complete directory is
-    either at `path` or at its `.old` sibling, from which the next run recovers.
+    On an exception (Ctrl-C and SIGTERM included) the temporary is removed and `path` is left exactly
+    as it was. Temporaries of `path` that killed runs left are swept first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.with_name(f".{path.name}.old")
-    if old.exists() and not path.exists():  # a previous swap was killed between its renames
+    _output_dir(path)
+    old = _old(path)
+    if os.path.lexists(old) and not os.path.lexists(path):  # a two-rename swap was killed between its renames
         os.replace(old, path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs are meant to be shared
+    sweep_temps(path)
+    with _held_temp(path, _make_dir) as (tmp, _fd):
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _install(tmp, path)
+
+
+def path_problem(base: str | os.PathLike[str], rel: str) -> str | None:
+    """Why `base / rel` would not name a file inside `base`, or None when it does.
+
+    `rel` comes from a file someone else wrote (a table, a manifest), so it must be a plain relative
+    '/'-separated path: not absolute, no '..' (or '.', or empty) part, no control character, and no
+    symbolic link on the way that leads out of `base`. Every path read from such a file is checked
+    here before it is opened, so a crafted line can neither read nor write outside the tree.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return f"path {rel!r} holds a control character"
+    if rel.startswith("/"):
+        return f"path {rel!r} is absolute; paths are relative to {base}"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return f"path {rel!r} has an empty, '.' or '..' part; paths stay inside {base}"
+    root = Path(base).resolve()
+    real = (root / rel).resolve()
+    if not real.is_relative_to(root):
+        return f"path {rel!r} leads out of {base} through a symbolic link (to {real})"
+    return None
+
+
+def _looks_like(raw: bytes) -> tuple[str, str]:
+    """A guess at the encoding of bytes that are not UTF-8 (for the message), and its iconv name."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16 (it starts with a UTF-16 byte-order mark)", "utf-16"
+    if b"\x00" in raw[:4096]:
+        return "UTF-16 or a binary file (it holds NUL bytes)", "utf-16"
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+        raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return "Latin-1 (ISO-8859-1)", "latin1"
+    return "Latin-1 (ISO-8859-1) or Windows-1252", "cp1252"
+
+
+def read_text(path: str | os.PathLike[str], error: type[TASNError] = TASNError) -> str:
+    """The text of `path`, which must be UTF-8 (a leading byte-order mark is dropped: Windows editors
+    write one). Otherwise `error` naming the file, the line and the encoding the bytes look like."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        looks, name = _looks_like(raw)
+        raise error(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); it looks like {looks}. "
+                    f"Save it as UTF-8, e.g. iconv -f {name} -t utf-8") from None
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
@@ -90,7 +279,7 @@ def read_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     if not p.is_file():
         raise TASNError(f"{what} {p}: no such file")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(read_text(p))
     except json.JSONDecodeError as exc:
         raise TASNError(f"{what} {p}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 
-from tasn.errors import DataError, ServiceError
+from tasn.errors import ConfigError, DataError, ServiceError
 from tasn.io import atomic_write_bytes
 
 S3_PREFIX = "s3://"
@@ -26,12 +27,26 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith(S3_PREFIX)
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
-    rest = str(uri)[len(S3_PREFIX):]
-    bucket, _, key = rest.partition("/")
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")  # what S3 and Ceph RGW accept (botocore's own check)
+
+
+def s3_problem(uri: str) -> str | None:
+    """Why `uri` (which starts with s3://) is not an s3://bucket[/key] URI, or None."""
+    bucket = str(uri)[len(S3_PREFIX):].partition("/")[0]
     if not bucket:
-        raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
+        return f"{uri!r} names no bucket (expected s3://bucket/key)"
+    if not _BUCKET.fullmatch(bucket):
+        return f"{uri!r}: {bucket!r} is not a bucket name (letters, digits, '.', '-', '_')"
+    return None
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("bucket", "a/b"); a ConfigError (a ValueError) for a URI without a
+    usable bucket, such as a bare `s3://`."""
+    problem = s3_problem(uri)
+    if problem:
+        raise ConfigError(problem)
+    bucket, _, key = str(uri)[len(S3_PREFIX):].partition("/")
     return bucket, key
 
 
@@ -54,12 +69,14 @@ def _client(endpoint: str | None, _key_id: str | None = None):
     return boto3.client("s3", endpoint_url=endpoint, config=retries)
 
 
-def _s3_call(uri: str, endpoint: str | None, fn):
+def _s3_call(uri: str, endpoint: str | None, fn, needs_key: bool = True):
     """Run fn(client, bucket, key); a missing object is FileNotFoundError, any other failure a
     ServiceError naming the URI and endpoint (never the credentials)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
+    if needs_key and not key:
+        raise ConfigError(f"{uri!r} names a bucket but no object (expected s3://bucket/key)")
     endpoint = resolve_endpoint(endpoint)
     try:
         return fn(_client(endpoint, os.environ.get("AWS_ACCESS_KEY_ID")), bucket, key)
@@ -122,7 +139,7 @@ def list_prefix(uri: str, endpoint: str | None = None) -> list[str]:
             keys += [obj["Key"] for obj in page.get("Contents", [])]
         return sorted(f"{S3_PREFIX}{bucket}/{k}" for k in keys)
 
-    return _s3_call(uri, endpoint, _list)
+    return _s3_call(uri, endpoint, _list, needs_key=False)
 
 
 def copy_tree(src: str, dest: str) -> int:

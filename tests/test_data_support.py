@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tasn.cli import main
 from tasn.config import PreprocessConfig, SynthConfig, ValidateConfig
 from tasn.data.layout import check_layout, read_layout
 from tasn.data.synth import generate
@@ -22,6 +23,18 @@ TINY_VALIDATE = ValidateConfig(min_side=32, workers=1)
 def tiny_synth(dest: Path, cfg: SynthConfig = TINY) -> Path:
     generate(dest, cfg, workers=1)
     return dest
+
+
+def tree_with_outputs(base: Path, params: str, runs: list[list[str]]) -> Path:
+    """`base` holding a tiny raw set (raw/), `params` as params.yaml, and what the `tasn` commands
+    `runs` (each run in `base`, each must succeed) made of them."""
+    tiny_synth(base / "raw")
+    (base / "params.yaml").write_text(params)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        for argv in runs:
+            assert main(argv) == 0, argv
+    return base
 
 
 def jpeg_bytes(arr: np.ndarray, **kw) -> bytes:

@@ -11,12 +11,14 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tasn.cli import main
 from tasn.data.validate import MANIFEST, REPORT, SUMMARY
-from test_data_support import TINY, tiny_synth
+from test_data_support import TINY, noise_image, tiny_synth
 
 PARAMS = "validate: {min_side: 32, workers: 1}\npreprocess: {size: 64, workers: 1}\nmodel: {input_size: 48}\n"
 
@@ -162,3 +164,70 @@ def test_bad_input_is_named_exits_nonzero_and_keeps_earlier_outputs(case, good, 
     if pp_message is not None:  # preprocess refuses it too, and keeps the prepared data
         assert rc == 1 and offender in err and pp_message in err, err
         assert _digest(tmp_path / "prep") == before["prep"]
+
+
+def _drop_line(table, image_id):
+    def breaks(raw):
+        p = raw / table
+        p.write_text("".join(f"{line}\n" for line in _lines(p) if line.split()[0] != str(image_id)))
+        return f"images/{_rel(raw, image_id)}"
+    return breaks
+
+
+def _small_image(raw):
+    img = Image.fromarray(noise_image(np.random.default_rng(1), 20, 80))  # shorter side 20 < 32, longer 80
+    img.save(raw / "images" / _rel(raw, 2), format="JPEG")
+    return f"images/{_rel(raw, 2)}"
+
+
+def _more_train_images_in_class_1(raw):
+    """Class 1 gets 4 train images (new, distinct ones), the others keep 2: train imbalance 2.0."""
+    cdir = _rel(raw, 1).split("/")[0]
+    n = len(_lines(raw / "images.txt"))
+    rng = np.random.default_rng(2)
+    for image_id in (n + 1, n + 2):
+        rel = f"{cdir}/extra_{image_id}.jpg"
+        Image.fromarray(noise_image(rng, 96, 100)).save(raw / "images" / rel, format="JPEG")
+        for table, value in (("images.txt", rel), ("image_class_labels.txt", "1"), ("train_test_split.txt", "1")):
+            with (raw / table).open("a") as fh:
+                fh.write(f"{image_id} {value}\n")
+    return "train"
+
+
+def _class_2_all_test(raw):
+    per = TINY.train_per_class + TINY.test_per_class
+    p = raw / "train_test_split.txt"
+    p.write_text("".join(f"{line.split()[0]} 0\n" if per < int(line.split()[0]) <= 2 * per else f"{line}\n"
+                         for line in _lines(p)))
+    return "002.Checkered_wing_Ringed_eye"
+
+
+RULE_CASES = {
+    # rule: (break it, overrides, the offender's detail after "[rule] <where>: ")
+    "has_label": (_drop_line("image_class_labels.txt", 2), [], "image id 2 has no line in image_class_labels.txt"),
+    "has_split": (_drop_line("train_test_split.txt", 2), [], "image id 2 has no line in train_test_split.txt"),
+    "min_side": (_small_image, [], "shorter side 20 px < 32 px (80x20)"),
+    "class_balance": (_more_train_images_in_class_1, ["-S", "validate.max_class_imbalance=1.5"],
+                      "train split: largest class / smallest class = 2.00 > 1.5"),
+    "test_fraction": (lambda raw: "dataset", ["-S", "validate.test_fraction_max=0.3"],
+                      "test fraction 0.333 outside [0.05, 0.3]"),
+    "train_per_class": (_class_2_all_test, [], "has 0 train image(s), needs >= 1"),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULE_CASES))
+def test_each_dataset_rule_fails_on_a_small_dataset_that_breaks_it(rule, good, tmp_path, capsys):
+    """Small and imbalanced trees on purpose: each rule of the suite is seen failing and named, and
+    the same tree passes the rule once the setting allows it (so the rule measures what it says)."""
+    breaker, overrides, detail = RULE_CASES[rule]
+    raw = tmp_path / "raw"
+    shutil.copytree(good / "raw", raw)
+    where = breaker(raw)
+    argv = ["validate", "--params", str(good / "params.yaml"), "--data", str(raw), "--report-dir", str(tmp_path / "r")]
+    assert main([*argv, *overrides]) == 1
+    err = capsys.readouterr().err
+    assert f"[{rule}] {where}: {detail}" in err, err
+    failed = {r["id"] for r in json.loads((tmp_path / "r-failed" / SUMMARY).read_text())["rules"] if not r["passed"]}
+    assert rule in failed
+    if overrides:  # the default bound lets the same tree through
+        assert main(argv) == 0, capsys.readouterr().err

@@ -22,7 +22,7 @@ from tasn.data.dataset import PreparedDataset
 from tasn.data.preprocess import CLASSES, MANIFEST
 from tasn.data.transforms import eval_transform
 from tasn.errors import DataError
-from tasn.evaluate import CONFUSION_CSV, CONFUSION_PNG, METRICS, PER_CLASS, RUN_ARTIFACTS, evaluate
+from tasn.evaluate import CONFUSION_CSV, CONFUSION_PNG, METRICS, PER_CLASS, RUN_ARTIFACTS, compute_metrics, evaluate
 from tasn.model import build_model
 from tasn.training.outputs import MODEL, RUN
 
@@ -70,6 +70,26 @@ def np_kl(p_logits, q_logits, t):
 
     lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
     return float(np.mean((np.exp(lp) * (lp - lq)).sum(axis=1)))
+
+
+def test_top_k_metrics_on_enough_classes_that_top_5_can_miss():
+    """12 classes and logits where each head ranks the truth differently, so that top-1, top-3 and
+    top-5 differ from each other and from 1.0, and a head swapped for another shows."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 12, 200)
+    heads = {}
+    for h, (lo, hi) in {"part": (0.5, 3.0), "master": (1.0, 2.0), "master_aux": (0.0, 1.5)}.items():
+        logits = rng.normal(size=(200, 12))
+        logits[np.arange(200), labels] += rng.uniform(lo, hi, 200)  # the truth ranked high, not always first
+        heads[h] = torch.from_numpy(logits).float()
+    m = compute_metrics(heads, torch.from_numpy(labels), "master_aux", 3, 10.0)
+    for h, logits in heads.items():
+        for k in (1, 3):
+            assert m[f"{h}_top{k}"] == pytest.approx(np_topk(logits.numpy(), labels, k)), (h, k)
+    want = {h: np_topk(v.numpy(), labels, 5) for h, v in heads.items()}
+    assert m["top5"] == pytest.approx(want["master_aux"]) and m["top1"] == m["master_aux_top1"]
+    assert m["top1"] < m["master_aux_top3"] < m["top5"] < 1.0
+    assert len({round(v, 3) for v in want.values()}) == 3  # another head's top-5 would not match
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tasn.model.losses import BaselineLoss, TASNLoss, distillation
+from tasn.config import LossConfig, ModelConfig
+from tasn.model.losses import BaselineLoss, TASNLoss, build_loss, distillation
 from tasn.model.network import BaselineOutput, TASNOutput
 
 
@@ -70,3 +71,42 @@ def test_baseline_loss_is_plain_cross_entropy():
     total, terms = BaselineLoss()(BaselineOutput(torch.tensor(logits)), torch.tensor(TARGET))
     want = sum(ce(row, t) for row, t in zip(logits, TARGET)) / 2
     assert total.item() == pytest.approx(want, rel=1e-6) and set(terms) == {"logits"}
+
+
+# Non-unit weights, each different, so that a weight dropped or swapped (w_distill read as 1.0, a
+# term summed unweighted) changes the total.
+WEIGHTS = {"w_attention": 0.7, "w_part": 1.9, "w_master": 0.3, "w_part_aux": 2.6, "w_master_aux": 0.45,
+           "w_distill": 3.2}
+
+
+def hand_terms(temperature: float) -> dict[str, float]:
+    terms = {k: sum(ce(row, t) for row, t in zip(v, TARGET)) / 2 for k, v in HEADS.items()}
+    terms["distill"] = sum(soft_ce(s, t, temperature) for s, t in zip(HEADS["master"], HEADS["part"])) / 2
+    return terms
+
+
+def weighted_total(weights: dict[str, float], temperature: float) -> float:
+    return sum(weights[f"w_{k}"] * v for k, v in hand_terms(temperature).items())
+
+
+def test_every_weight_scales_its_own_term():
+    out = TASNOutput(**{k: torch.tensor(v) for k, v in HEADS.items()})
+    total, _ = TASNLoss(temperature=3.0, **WEIGHTS)(out, torch.tensor(TARGET))
+    assert total.item() == pytest.approx(weighted_total(WEIGHTS, 3.0), rel=1e-6)
+    only_distill = {k: (v if k == "w_distill" else 0.0) for k, v in WEIGHTS.items()}
+    total, _ = TASNLoss(temperature=3.0, **only_distill)(out, torch.tensor(TARGET))
+    assert total.item() == pytest.approx(3.2 * hand_terms(3.0)["distill"], rel=1e-6)
+
+
+def test_loss_built_from_the_config_uses_every_weight():
+    out = TASNOutput(**{k: torch.tensor(v) for k, v in HEADS.items()})
+    loss_cfg = LossConfig(temperature=4.0, **WEIGHTS)
+    for loss in (TASNLoss.from_config(loss_cfg), build_loss(ModelConfig(kind="tasn"), loss_cfg)):
+        assert isinstance(loss, TASNLoss)
+        total, _ = loss(out, torch.tensor(TARGET))
+        assert total.item() == pytest.approx(weighted_total(WEIGHTS, 4.0), rel=1e-6)
+    baseline = build_loss(ModelConfig(kind="baseline"), loss_cfg)
+    logits = HEADS["master_aux"]
+    total, _ = baseline(BaselineOutput(torch.tensor(logits)), torch.tensor(TARGET))
+    assert isinstance(baseline, BaselineLoss)
+    assert total.item() == pytest.approx(sum(ce(row, t) for row, t in zip(logits, TARGET)) / 2, rel=1e-6)

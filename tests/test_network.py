@@ -61,6 +61,22 @@ def test_training_detail_map_is_one_channel_per_sample():
         assert any(torch.equal(detail[i], maps[i, c]) for c in range(16))
 
 
+def test_training_draws_the_detail_channel_for_each_sample_on_its_own():
+    """Channel c of sample i is the constant 100 i + c, so each detail map says which channel was
+    drawn for it: over 256 samples the draws differ (one draw for the whole batch would not), and
+    every channel comes up."""
+    torch.manual_seed(0)
+    model = small_tasn().train()
+    n, channels = 256, 16
+    value = 100 * torch.arange(n).view(n, 1, 1, 1) + torch.arange(channels).view(1, channels, 1, 1)
+    maps = value.float().expand(n, channels, 8, 8)
+    structure, detail = model.select_maps(maps)
+    torch.testing.assert_close(structure, maps.sum(1))
+    picked = detail[:, 0, 0] - 100 * torch.arange(n)
+    assert torch.all(detail == detail[:, :1, :1])  # a whole channel, not a mix
+    assert set(picked.long().tolist()) == set(range(channels))  # misses one: p ~ 1e-6
+
+
 def test_sampling_branches_send_no_gradient_into_the_attention_net(batch):
     torch.manual_seed(0)
     model = small_tasn()

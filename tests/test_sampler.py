@@ -58,15 +58,18 @@ def _invert(d: list[float], out: int) -> list[float]:
     return coords
 
 
-def loop_coordinates(att: list[list[float]], size: int, out: int, dense: float, iters: int, power: float = 1.0):
+def loop_densities(att: list[list[float]], size: int, out: int, dense: float, iters: int, power: float = 1.0):
+    """Steps 1-3: (dy, dx, [the clip level m of each iteration before the cap])."""
     a = _upsample_align_corners(att, size)
     py = _normalise([max(a[i][j] for j in range(size)) ** power for i in range(size)])
     px = _normalise([max(a[i][j] for i in range(size)) ** power for j in range(size)])
     dy = [v * out for v in py]
     dx = [v * out for v in px]
     cap = dense * out / size
+    levels = []
     for t in range(iters):
         m = min(max(dy), max(dx))
+        levels.append(m)
         if t == 0:
             m = min(m, cap)
         dy = [min(v, m) for v in dy]
@@ -74,6 +77,11 @@ def loop_coordinates(att: list[list[float]], size: int, out: int, dense: float, 
         ry, rx = (out - sum(dy)) / size, (out - sum(dx)) / size
         dy = [v + ry for v in dy]
         dx = [v + rx for v in dx]
+    return dy, dx, levels
+
+
+def loop_coordinates(att: list[list[float]], size: int, out: int, dense: float, iters: int, power: float = 1.0):
+    dy, dx, _ = loop_densities(att, size, out, dense, iters, power)
     return _invert(dy, out), _invert(dx, out)
 
 
@@ -130,6 +138,25 @@ def test_vectorised_sampler_matches_slow_loop(n, size, out, h, w, dense, iters, 
     assert got.shape == (n, 3, out, out)
     for i in range(n):
         want = torch.tensor(loop_sample(images[i].tolist(), att[i].tolist(), size, out, dense, iters, power),
+                            dtype=torch.float64)
+        torch.testing.assert_close(got[i], want, atol=1e-9, rtol=0)
+
+
+def test_the_dense_cap_applies_at_t0_only():
+    """Maps peaked enough that the densities are still above the cap after the first spread: a cap
+    applied again at t >= 1 would clip them, the definition does not."""
+    size, out, dense, iters = 40, 24, 2.0, 4
+    g = torch.Generator().manual_seed(21)
+    att = torch.full((2, 6, 6), 0.02, dtype=torch.float64)
+    att[0, 2, 3] = att[1, 4, 1] = 1.0  # one hot cell each
+    att[1, 0, 5] = 0.7
+    images = torch.rand(2, 3, size, size, generator=g, dtype=torch.float64)
+    got = attention_sample(images, att, out, dense=dense, iters=iters)
+    cap = dense * out / size
+    for i in range(2):
+        levels = loop_densities(att[i].tolist(), size, out, dense, iters)[2]
+        assert levels[0] > cap and min(levels[1:]) > cap  # the cap binds at t = 0, and would again after
+        want = torch.tensor(loop_sample(images[i].tolist(), att[i].tolist(), size, out, dense, iters),
                             dtype=torch.float64)
         torch.testing.assert_close(got[i], want, atol=1e-9, rtol=0)
 

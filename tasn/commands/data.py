@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from tasn.commands.common import Subparsers, config_from_args, print_json
+from tasn.config.schema import DEFAULT_MAX_PIXELS
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -22,7 +23,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _import_cub(args: argparse.Namespace) -> int:
     from tasn.data.importers import import_cub
 
-    print_json(import_cub(args.src, args.dest, workers=args.workers))
+    print_json(import_cub(args.src, args.dest, workers=args.workers, max_pixels=args.max_pixels))
     return 0
 
 
@@ -30,7 +31,7 @@ def _import_folder(args: argparse.Namespace) -> int:
     from tasn.data.importers import import_folder
 
     print_json(import_folder(args.src, args.dest, test_fraction=args.test_fraction, seed=args.seed,
-                             workers=args.workers))
+                             workers=args.workers, max_pixels=args.max_pixels))
     return 0
 
 
@@ -55,6 +56,9 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     workers = argparse.ArgumentParser(add_help=False)
     workers.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
+    limits = argparse.ArgumentParser(add_help=False)
+    limits.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images of more pixels than this (default: %(default)s, as validate.max_pixels)")
 
     p = data_sub.add_parser("synth", parents=[common, workers],
                             help="generate the embedded synthetic fine-grained sample (params: data.synth)")
@@ -63,13 +67,13 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                    help="where to save the contact sheet (default: DEST/contact_sheet.png)")
     p.set_defaults(func=_synth)
 
-    p = data_sub.add_parser("import-cub", parents=[workers],
+    p = data_sub.add_parser("import-cub", parents=[workers, limits],
                             help="import a CUB-200-2011 download (bounding boxes and parts are ignored)")
     p.add_argument("src", metavar="SRC", help="the CUB_200_2011 folder (holding images/ and images.txt)")
     p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically)")
     p.set_defaults(func=_import_cub)
 
-    p = data_sub.add_parser("import-folder", parents=[workers],
+    p = data_sub.add_parser("import-folder", parents=[workers, limits],
                             help="import one folder of images per class, with a seeded stratified split")
     p.add_argument("src", metavar="SRC", help="a folder holding one subfolder of images per class")
     p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically)")

@@ -22,6 +22,7 @@ import yaml
 from tasn.config.rules import check, coerce, field_types
 from tasn.config.schema import Config
 from tasn.errors import ConfigError
+from tasn.io import read_text
 
 DEFAULT_PARAMS = "params.yaml"
 PROFILES_DIR = "profiles"  # next to the params file
@@ -46,10 +47,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from `path`; an empty file is an empty mapping. Clear errors for a missing
-    file, invalid YAML, duplicate keys and anything that is not a mapping."""
+    file, text that is not UTF-8, invalid YAML, duplicate keys and anything that is not a mapping."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
-    text = path.read_text()
+    text = read_text(path, ConfigError)
     try:
         loader = _UniqueKeyLoader(text)
         loader.name = str(path)

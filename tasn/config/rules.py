@@ -1,7 +1,8 @@
 """The rules a config value must follow, and the one function that enforces them.
 
 A field states its own rule in its annotation: `Literal[...]` for a choice (the names come from
-`tasn.choices`), `Annotated[int, Range(ge=0)]` for a bounded number. Every float must be finite.
+`tasn.choices`), `Annotated[int, Range(ge=0)]` for a bounded number. Every float must be finite, and
+every string that is an s3:// URI must name a bucket.
 `check` walks a config (or any section of one) and raises `ConfigError` naming the first value that
 breaks its field's rule; sections with rules that tie two fields together add a `relations` method.
 The loader calls `check` on everything it builds, and each stage function calls it on the section it
@@ -16,6 +17,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from tasn import storage
 from tasn.errors import ConfigError
 
 
@@ -87,6 +89,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         return float(value)
     if tp in (int, str) and (not isinstance(value, tp) or isinstance(value, bool)):
         raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+    if tp is str and storage.is_s3(value):  # any path-like value may be an object-store URI
+        problem = storage.s3_problem(value)
+        if problem:
+            raise ConfigError(f"{name}: {problem}")
     return value
 
 

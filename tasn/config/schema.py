@@ -21,6 +21,9 @@ from tasn.config.rules import Range
 MAX_SIDE = 8192  # largest image side any knob may ask for: 16x the authors' 512, 200 MB decoded
 MAX_WORKERS = 512
 MAX_SEED = 2**31 - 1  # every RNG the stages seed (python, numpy, torch) takes it
+DEFAULT_MAX_PIXELS = 90_000_000  # per image: ~270 MB as 8-bit RGB, in each worker (about Pillow's own default)
+MAX_PIXELS = 20_000 * 20_000  # the largest pixel limit a config may set
+JPEG_MAX_SIDE = 65_500  # libjpeg cannot write a longer side
 
 Workers = Annotated[int, Range(ge=0, le=MAX_WORKERS)]  # 0 = one per core
 Seed = Annotated[int, Range(ge=0, le=MAX_SEED)]
@@ -65,6 +68,8 @@ class ValidateConfig:
     test_fraction_min: Annotated[float, Range(ge=0, le=1)] = 0.05
     test_fraction_max: Annotated[float, Range(ge=0, le=1)] = 0.6
     workers: Workers = 0
+    max_pixels: Annotated[int, Range(ge=1, le=MAX_PIXELS)] = DEFAULT_MAX_PIXELS  # larger images are not decoded
+    max_aspect_ratio: Annotated[float, Range(ge=1, le=1000)] = 10.0  # longer side / shorter side
 
     def relations(self) -> Iterator[str]:
         if self.test_fraction_min > self.test_fraction_max:
@@ -77,6 +82,7 @@ class PreprocessConfig:
     size: Annotated[int, Range(ge=8, le=MAX_SIDE)] = 256  # shorter side after resizing; TASN crops model.input_size
     jpeg_quality: JpegQuality = 95
     workers: Workers = 0
+    max_pixels: Annotated[int, Range(ge=1, le=MAX_PIXELS)] = DEFAULT_MAX_PIXELS  # larger images are refused
 
 
 @dataclass
@@ -184,6 +190,13 @@ class Config:
         if self.model.input_size > self.preprocess.size:
             yield (f"model.input_size ({self.model.input_size}) is larger than preprocess.size "
                    f"({self.preprocess.size}): the crop would not fit the preprocessed images")
+        if self.preprocess.size * self.validate.max_aspect_ratio > JPEG_MAX_SIDE:
+            yield (f"preprocess.size ({self.preprocess.size}) x validate.max_aspect_ratio "
+                   f"({self.validate.max_aspect_ratio:g}) is more than {JPEG_MAX_SIDE} px: an image validate accepts "
+                   "could be resized past JPEG's longest side")
+        if self.preprocess.max_pixels < self.validate.max_pixels:
+            yield (f"preprocess.max_pixels ({self.preprocess.max_pixels}) is smaller than validate.max_pixels "
+                   f"({self.validate.max_pixels}): preprocess would refuse images validate accepts")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

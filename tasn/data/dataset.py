@@ -22,6 +22,7 @@ from torchvision.transforms.functional import to_tensor
 
 from tasn.data.preprocess import CLASSES, MANIFEST
 from tasn.errors import DataError
+from tasn.io import path_problem
 
 SPLITS = ("train", "test")
 
@@ -43,6 +44,10 @@ class PreparedDataset(Dataset):
                 raise DataError(f"{self.root / name}: missing; is {self.root} the output of `tasn preprocess`?")
         self.classes: list[str] = json.loads((self.root / CLASSES).read_text())
         manifest = pd.read_parquet(self.root / MANIFEST)
+        for shard in manifest["shard"].unique():  # a manifest must not send a reader out of its folder
+            problem = path_problem(self.root, str(shard))
+            if problem:
+                raise DataError(f"{self.root / MANIFEST}: shard {problem}")
         self.records = manifest[manifest["split"] == split].reset_index(drop=True)
         self.labels: list[int] = [int(x) for x in self.records["label"]]
         self.split = split

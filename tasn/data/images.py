@@ -1,27 +1,59 @@
-"""Decoding one raw image, and turning any of the modes people ship into 8-bit RGB.
+"""Decoding one raw image within limits, and turning any of the modes people ship into 8-bit RGB.
 
 Grayscale, CMYK, RGBA / palette with transparency, 16-bit and EXIF-rotated images are valid input:
 they are converted here, not rejected. What is rejected is what cannot be decoded at all (an empty
-file, a truncated JPEG, text with an image suffix), with a reason a person can act on.
+file, a truncated JPEG, text with an image suffix), and what is too large to decode safely, with a
+reason a person can act on.
+
+Memory. A decoded image costs 3-4 bytes per pixel, and converting it to RGB a few times that, in
+every worker at once; so the pixel count is read from the header and checked against a limit
+(`max_pixels`, about Pillow's own 89.5 Mpx default) before anything is decoded. A JPEG that will be
+scaled down anyway is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (`at_least`), which is
+also how validate checks that a JPEG decodes without holding it at full size.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tasn.config.schema import DEFAULT_MAX_PIXELS, MAX_PIXELS
 from tasn.errors import DataError
 
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # large scans are fine; decompression bombs are not
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check: a backstop for any other Image.open
 
 
-def decode(path: str | os.PathLike) -> Image.Image:
-    """Fully decode `path` (EXIF orientation not yet applied); DataError says why it cannot be."""
-    path = Path(path)
+@dataclass(frozen=True)
+class Header:
+    """What an image file says about itself before any pixel is decoded."""
+
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    if isinstance(exc, UnidentifiedImageError):
+        return DataError(f"{path}: not an image (no decoder recognises its contents)")
+    truncated = any(w in str(exc).lower() for w in ("truncated", "broken", "premature"))
+    reason = "truncated or corrupt" if truncated else "cannot be decoded"
+    return DataError(f"{path}: {reason} ({exc})")
+
+
+_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError)
+
+
+def _open(path: Path) -> Image.Image:
+    """Image.open (the header only) with every way it can fail turned into a DataError."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -31,15 +63,47 @@ def decode(path: str | os.PathLike) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            return Image.open(path)
+    except _ERRORS as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Size and mode of the image at `path`, decoding nothing; DataError if it is not an image."""
+    path = Path(path)
+    with _open(path) as img:
+        return Header(img.width, img.height, img.mode)
+
+
+def too_large(header: Header, max_pixels: int) -> str | None:
+    """Why an image of `header` is over the pixel limit, or None."""
+    if header.pixels <= max_pixels:
+        return None
+    return (f"{header.width}x{header.height} px = {header.pixels / 1e6:.1f} Mpx, "
+            f"more than the limit of {max_pixels / 1e6:g} Mpx")
+
+
+def decode(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, at_least: int | None = None,
+           limit_key: str = "max_pixels") -> Image.Image:
+    """Fully decode `path` (EXIF orientation not yet applied); DataError says why it cannot be.
+
+    An image of more than `max_pixels` (named `limit_key` in the error) is refused before decoding.
+    With `at_least`, a JPEG may be decoded at a reduced scale whose sides stay >= `at_least` px.
+    """
+    path = Path(path)
+    with _open(path) as img:
+        reason = too_large(Header(img.width, img.height, img.mode), max_pixels)
+        if reason:
+            raise DataError(f"{path}: {reason} ({limit_key})")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                if at_least is not None:
+                    img.draft(None, (at_least, at_least))  # JPEG only; a no-op for other formats
                 img.load()
-                return img
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image (no decoder recognises its contents)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        truncated = any(w in str(exc).lower() for w in ("truncated", "broken", "premature"))
-        reason = "truncated or corrupt" if truncated else "cannot be decoded"
-        raise DataError(f"{path}: {reason} ({exc})") from None
+        except _ERRORS as exc:
+            raise _unreadable(path, exc) from None
+        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

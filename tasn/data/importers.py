@@ -1,8 +1,10 @@
 """Importers into the canonical CUB layout: a real CUB-200-2011 download, or one folder per class.
 
 Both write DEST atomically (a failed import leaves DEST as it was) and check as they go: every
-image must decode (in parallel, with a progress bar), the tables must agree with the files. Both
-refuse rather than guess: a problem raises DataError naming each offending file.
+image must decode within the pixel limit (in parallel, with a progress bar), the tables must agree
+with the files, every path stays inside SRC and DEST (`tasn.data.layout`), and DEST must lie apart
+from SRC (replacing it would delete the source). Both refuse rather than guess: a problem raises
+DataError naming each offending file.
 """
 
 from __future__ import annotations
@@ -16,28 +18,31 @@ from typing import Any
 
 import numpy as np
 
+from tasn.config.schema import DEFAULT_MAX_PIXELS
 from tasn.data.images import decode
 from tasn.data.layout import IMAGE_SUFFIXES, TABLES, check_layout, read_layout, write_layout
 from tasn.data.parallel import imap
 from tasn.errors import DataError
-from tasn.io import atomic_dir
+from tasn.io import atomic_dir, check_apart
 
 
 @dataclass
 class _Check:
     path: str
+    max_pixels: int
 
 
 def _decode_error(job: _Check) -> str | None:
     try:
-        decode(job.path)
+        decode(job.path, job.max_pixels, at_least=1, limit_key="--max-pixels")
     except DataError as exc:
         return str(exc)
     return None
 
 
-def _check_decodable(paths: list[Path], workers: int, what: str) -> None:
-    errors = [e for e in imap(_decode_error, [_Check(str(p)) for p in paths], workers, desc=what) if e]
+def _check_decodable(paths: list[Path], workers: int, max_pixels: int, what: str) -> None:
+    jobs = [_Check(str(p), max_pixels) for p in paths]
+    errors = [e for e in imap(_decode_error, jobs, workers, desc=what) if e]
     if errors:
         head = "\n  ".join(errors[:50])
         more = f"\n  ... and {len(errors) - 50} more" if len(errors) > 50 else ""
@@ -62,13 +67,15 @@ def find_cub_root(src: str | os.PathLike) -> Path:
     raise DataError(f"{src}: not a CUB-200-2011 folder (no images.txt in it or in {src / 'CUB_200_2011'})")
 
 
-def import_cub(src: str | os.PathLike, dest: str | os.PathLike, workers: int = 0) -> dict:
+def import_cub(src: str | os.PathLike, dest: str | os.PathLike, workers: int = 0,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Copy a CUB-200-2011 tree's images and four tables to `dest`; boxes and parts are dropped."""
     root = find_cub_root(src)
+    check_apart(root, dest, DataError, "DEST")
     layout = read_layout(root)
     check_layout(layout)
     sources = [root / "images" / p for p in layout.images["path"]]
-    _check_decodable(sources, workers, "import-cub")
+    _check_decodable(sources, workers, max_pixels, "import-cub")
     with atomic_dir(dest) as tmp:
         for rel, path in zip(layout.images["path"], sources):
             _place(path, tmp / "images" / rel)
@@ -78,11 +85,12 @@ def import_cub(src: str | os.PathLike, dest: str | os.PathLike, workers: int = 0
             "train": int(layout.images["is_train"].sum()), "test": int((~layout.images["is_train"]).sum())}
 
 
-_UNSAFE = re.compile(r"\s+")
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f\udc80-\udcff]+")  # whitespace, control chars, bytes that are not UTF-8
 
 
 def _safe(name: str) -> str:
-    """images.txt is space-separated: whitespace in names becomes '_'."""
+    """images.txt is space-separated UTF-8 text: whitespace, control characters and bytes of a name
+    that are not UTF-8 (Python keeps them as lone surrogates) each become '_'."""
     return _UNSAFE.sub("_", name.strip())
 
 
@@ -95,12 +103,13 @@ def stratified_split(n: int, test_fraction: float, rng: np.random.Generator) -> 
 
 
 def import_folder(src: str | os.PathLike[str], dest: str | os.PathLike[str], test_fraction: float = 0.25,
-                  seed: int = 0, workers: int = 0) -> dict[str, Any]:
+                  seed: int = 0, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """One sub-folder of images per class (sorted by name -> class ids 1..K) into the CUB layout,
     with a seeded split stratified by class. Files that are not images by suffix are skipped."""
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"{src}: not a directory")
+    check_apart(src, dest, DataError, "DEST")
     if not 0 < test_fraction < 1:
         raise DataError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
     folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -117,7 +126,7 @@ def import_folder(src: str | os.PathLike[str], dest: str | os.PathLike[str], tes
     dirs = [_safe(f.name) for f in classes]
     if len(set(dirs)) != len(dirs):
         raise DataError(f"{src}: class folder names collide once spaces become '_': {sorted(dirs)}")
-    _check_decodable([p for group in files for p in group], workers, "import-folder")
+    _check_decodable([p for group in files for p in group], workers, max_pixels, "import-folder")
     rng = np.random.default_rng(seed)
     rows = []
     with atomic_dir(dest) as tmp:

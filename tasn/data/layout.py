@@ -9,19 +9,24 @@
 Anything else in the tree (bounding_boxes.txt, parts/, attributes/) is ignored: TASN learns from
 image-level labels only. `read_layout` is lenient about *content* (duplicate ids, labels out of
 range, missing files are left for the validation suite to report with every offender named) but
-strict about *syntax*: a line that cannot be parsed is a DataError naming the file and line.
-`check_layout` is the strict gate used by stages that must not run on a broken tree.
+strict about *form*, with a DataError naming the file and line: tables are UTF-8 (`tasn.io.read_text`
+names the encoding they look like otherwise), every line parses, every path stays inside images/
+(`tasn.io.path_problem`: a table cannot make a stage read or write elsewhere), images.txt and
+classes.txt are not empty, and each class id and class directory is listed once. `check_layout` is
+the strict gate used by stages that must not run on a broken tree.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from tasn.errors import DataError
+from tasn.io import path_problem, read_text
 
 IMAGES_TXT = "images.txt"
 LABELS_TXT = "image_class_labels.txt"
@@ -29,6 +34,8 @@ SPLIT_TXT = "train_test_split.txt"
 CLASSES_TXT = "classes.txt"
 TABLES = (IMAGES_TXT, LABELS_TXT, SPLIT_TXT, CLASSES_TXT)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_ID = re.compile(r"[0-9]{1,12}")  # ASCII digits only (str.isdigit takes '²'), small enough for Int64
+_INT = re.compile(r"-?[0-9]{1,12}")
 
 
 @dataclass
@@ -48,39 +55,79 @@ class Layout:
         return list(self.classes.sort_values("class_id")["class_dir"])
 
     def files_on_disk(self) -> list[str]:
-        """Every image-like file under images/, as paths relative to it (sorted, '/'-separated)."""
+        """Every image-like file under images/, as paths relative to it (sorted, '/'-separated).
+        A symbolic link among them that leads out of images/ is a DataError naming it."""
         base = self.root / "images"
         found = []
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
                 if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    found.append(Path(dirpath, name).relative_to(base).as_posix())
+                    rel = Path(dirpath, name).relative_to(base).as_posix()
+                    problem = path_problem(base, rel)
+                    if problem:
+                        raise DataError(f"{base / rel}: {problem}")
+                    found.append(rel)
         return sorted(found)
 
 
-def _read_pairs(path: Path, value_kind: str) -> list[tuple[int, str]]:
-    """Parse `<int id> <value>` lines; `value_kind` is 'int' or 'path' (paths may not hold spaces)."""
+@dataclass(frozen=True)
+class _Line:
+    number: int
+    key: int
+    value: str
+
+
+def _read_pairs(path: Path, value_kind: str) -> list[_Line]:
+    """Parse `<id> <value>` lines (UTF-8; blank lines skipped); `value_kind` is 'int' or 'path'
+    (paths may not hold spaces). A line that does not parse is a DataError naming file and line."""
     if not path.is_file():
         raise DataError(f"{path}: missing (a CUB-layout dataset needs {', '.join(TABLES)})")
-    pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    lines = []
+    for number, line in enumerate(read_text(path, DataError).split("\n"), 1):
+        parts = line.split()  # spaces or tabs; a CRLF's \r is whitespace too
+        if not parts:
             continue
-        parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit() or (value_kind == "int" and not parts[1].lstrip("-").isdigit()):
-            raise DataError(f"{path}:{lineno}: expected '<id> <{value_kind}>', got {line.strip()!r}")
-        pairs.append((int(parts[0]), parts[1]))
-    return pairs
+        value_ok = len(parts) == 2 and (value_kind == "path" or _INT.fullmatch(parts[1]))
+        if not (value_ok and _ID.fullmatch(parts[0])):
+            raise DataError(f"{path}:{number}: expected '<id> <{value_kind}>', got {line.strip()!r}")
+        lines.append(_Line(number, int(parts[0]), parts[1]))
+    return lines
 
 
-def _first_value(pairs: list[tuple[int, str]], path: Path) -> dict[int, str]:
+def _first_value(lines: list[_Line], path: Path) -> dict[int, str]:
     """id -> value; an id given twice with different values is ambiguous and rejected."""
-    out: dict[int, str] = {}
-    for key, value in pairs:
-        if key in out and out[key] != value:
-            raise DataError(f"{path}: image id {key} is listed twice with different values ({out[key]!r}, {value!r})")
-        out.setdefault(key, value)
-    return out
+    out: dict[int, _Line] = {}
+    for line in lines:
+        first = out.setdefault(line.key, line)
+        if first.value != line.value:
+            raise DataError(f"{path}:{line.number}: image id {line.key} is listed twice with different values "
+                            f"({first.value!r} at line {first.number}, {line.value!r})")
+    return {k: line.value for k, line in out.items()}
+
+
+def _check_paths(lines: list[_Line], base: Path, table: Path) -> None:
+    for line in lines:
+        problem = path_problem(base, line.value)
+        if problem:
+            raise DataError(f"{table}:{line.number}: {problem}")
+
+
+def _check_classes(lines: list[_Line], table: Path) -> None:
+    """Class ids and class directories are each named once (a directory listed under two ids would be
+    one class counted twice)."""
+    if not lines:
+        raise DataError(f"{table}: lists no classes")
+    ids: dict[int, int] = {}
+    dirs: dict[str, _Line] = {}
+    for line in lines:
+        if line.key in ids:
+            raise DataError(f"{table}:{line.number}: class id {line.key} is listed twice "
+                            f"(first at line {ids[line.key]})")
+        ids[line.key] = line.number
+        first = dirs.setdefault(line.value, line)
+        if first is not line:
+            raise DataError(f"{table}:{line.number}: class dir {line.value!r} is already class id {first.key} "
+                            f"(line {first.number}); each class has one id")
 
 
 def read_layout(root: str | os.PathLike) -> Layout:
@@ -91,26 +138,30 @@ def read_layout(root: str | os.PathLike) -> Layout:
     if not (root / "images").is_dir():
         raise DataError(f"{root / 'images'}: missing (expected images/<class_dir>/<file>)")
     images = _read_pairs(root / IMAGES_TXT, "path")
+    if not images:
+        raise DataError(f"{root / IMAGES_TXT}: lists no images")
+    _check_paths(images, root / "images", root / IMAGES_TXT)
     labels = _first_value(_read_pairs(root / LABELS_TXT, "int"), root / LABELS_TXT)
-    split = _first_value(_read_pairs(root / SPLIT_TXT, "int"), root / SPLIT_TXT)
-    classes = _read_pairs(root / CLASSES_TXT, "path")
-    for image_id, flag in split.items():
-        if flag not in ("0", "1"):
-            raise DataError(f"{root / SPLIT_TXT}: image id {image_id} has split {flag!r}; "
+    split_lines = _read_pairs(root / SPLIT_TXT, "int")
+    for line in split_lines:
+        if line.value not in ("0", "1"):
+            raise DataError(f"{root / SPLIT_TXT}:{line.number}: image id {line.key} has split {line.value!r}; "
                             "expected 1 (train) or 0 (test)")
-    class_ids = [c for c, _ in classes]
-    if len(set(class_ids)) != len(class_ids):
-        dup = next(c for c in class_ids if class_ids.count(c) > 1)
-        raise DataError(f"{root / CLASSES_TXT}: class id {dup} is listed twice")
+    split = _first_value(split_lines, root / SPLIT_TXT)
+    classes = _read_pairs(root / CLASSES_TXT, "path")
+    _check_classes(classes, root / CLASSES_TXT)
+    _check_paths(classes, root / "images", root / CLASSES_TXT)
     table = pd.DataFrame(
         {
-            "image_id": pd.array([i for i, _ in images], dtype="Int64"),
-            "path": [p for _, p in images],
-            "class_id": pd.array([int(labels[i]) if i in labels else None for i, _ in images], dtype="Int64"),
-            "is_train": pd.array([split[i] == "1" if i in split else None for i, _ in images], dtype="boolean"),
+            "image_id": pd.array([line.key for line in images], dtype="Int64"),
+            "path": [line.value for line in images],
+            "class_id": pd.array([int(labels[line.key]) if line.key in labels else None for line in images],
+                                 dtype="Int64"),
+            "is_train": pd.array([split[line.key] == "1" if line.key in split else None for line in images],
+                                 dtype="boolean"),
         }
     )
-    class_table = pd.DataFrame({"class_id": class_ids, "class_dir": [d for _, d in classes]})
+    class_table = pd.DataFrame({"class_id": [c.key for c in classes], "class_dir": [c.value for c in classes]})
     return Layout(root=root, images=table, classes=class_table)
 
 
@@ -121,6 +172,9 @@ def check_layout(layout: Layout) -> None:
     dup = t[t["image_id"].duplicated(keep=False)]
     problems += [f"{root / IMAGES_TXT}: image id {r.image_id} is listed more than once ({r.path})"
                  for r in dup.itertuples()]
+    twice = t[t["path"].duplicated(keep=False)]
+    problems += [f"{root / 'images' / r.path}: listed more than once in {IMAGES_TXT} (image id {r.image_id})"
+                 for r in twice.itertuples()]
     unlabelled = t.loc[t.class_id.isna(), ["image_id", "path"]].itertuples(index=False)
     problems += [f"{p}: image id {i} has no label in {LABELS_TXT}" for i, p in unlabelled]
     unsplit = t.loc[t.is_train.isna(), ["image_id", "path"]].itertuples(index=False)
@@ -146,7 +200,11 @@ def write_layout(dest: str | os.PathLike, rows: list[tuple[str, int, bool]], cla
     is the directory name of class id k + 1.
     """
     dest = Path(dest)
-    (dest / IMAGES_TXT).write_text("".join(f"{i} {p}\n" for i, (p, _, _) in enumerate(rows, 1)))
-    (dest / LABELS_TXT).write_text("".join(f"{i} {c}\n" for i, (_, c, _) in enumerate(rows, 1)))
-    (dest / SPLIT_TXT).write_text("".join(f"{i} {int(tr)}\n" for i, (_, _, tr) in enumerate(rows, 1)))
-    (dest / CLASSES_TXT).write_text("".join(f"{k} {d}\n" for k, d in enumerate(class_dirs, 1)))
+    tables = {
+        IMAGES_TXT: (f"{i} {p}" for i, (p, _, _) in enumerate(rows, 1)),
+        LABELS_TXT: (f"{i} {c}" for i, (_, c, _) in enumerate(rows, 1)),
+        SPLIT_TXT: (f"{i} {int(tr)}" for i, (_, _, tr) in enumerate(rows, 1)),
+        CLASSES_TXT: (f"{k} {d}" for k, d in enumerate(class_dirs, 1)),
+    }
+    for name, lines in tables.items():
+        (dest / name).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")

@@ -5,8 +5,12 @@ Each image is decoded, EXIF-oriented, converted to RGB, resized so its shorter s
 as JPEG. The JPEG bytes are concatenated into a few shard files (`shards/shard-00000.bin`, ...) and
 `manifest.parquet` says where each image lives (shard, offset, length) with its id, split, label
 and sizes. One open file per shard, no directory walk, no per-image files: fast to copy, to DVC-track
-and to read from many loader processes. The output directory is replaced atomically, and the
-same input and config give byte-identical output.
+and to read from many loader processes. The output directory is replaced atomically (temporaries
+of killed runs are swept first), and the same input and config give byte-identical output.
+
+Limits, from each image's header before it is decoded: at most `preprocess.max_pixels`, and a
+resized size JPEG can hold. A JPEG much larger than `size` is decoded by libjpeg at 1/2, 1/4 or
+1/8 scale (never below `size`), so a worker holds a few MB for an 8000 x 6000 photo, not 150.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import pandas as pd
 from PIL import Image
 
 from tasn.config import PreprocessConfig, check
-from tasn.data.images import decode, to_rgb
+from tasn.config.schema import JPEG_MAX_SIDE
+from tasn.data.images import decode, read_header, to_rgb
 from tasn.data.layout import check_layout, read_layout
 from tasn.data.parallel import imap
 from tasn.errors import DataError
-from tasn.io import atomic_dir, atomic_write_json
+from tasn.io import atomic_dir, atomic_write_json, check_apart
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +58,34 @@ class _Job:
     path: str
     size: int
     quality: int
+    max_pixels: int
 
 
-def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    """Scale so that the shorter side is `size`, keeping the aspect ratio."""
-    w, h = img.size
-    scale = size / min(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC, reducing_gap=None)
+def shorter_side_to(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) scaled so that the shorter side is `size`, keeping the aspect ratio."""
+    scale = size / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _process(job: _Job) -> tuple[bytes, int, int, int, int, str, str]:
-    raw = Path(job.path).read_bytes() if Path(job.path).is_file() else b""
-    img = decode(job.path)
-    mode, (w0, h0) = img.mode, img.size
-    out = resize_shorter(to_rgb(img), job.size)
+    """One image: checked against the limits from its header, decoded (a large JPEG at a reduced
+    scale that is still >= `size`), oriented, converted to RGB, resized, JPEG-encoded."""
+    path = Path(job.path)
+    header = read_header(path)
+    w0, h0 = header.width, header.height
+    new = shorter_side_to(w0, h0, job.size)
+    if max(new) > JPEG_MAX_SIDE:
+        raise DataError(f"{path}: {w0}x{h0} px would become {new[0]}x{new[1]} px at preprocess.size {job.size}, "
+                        f"more than JPEG's {JPEG_MAX_SIDE} px (validate.max_aspect_ratio keeps such images out)")
+    img = decode(path, job.max_pixels, at_least=job.size, limit_key="preprocess.max_pixels")
+    stored = img.size
+    rgb = to_rgb(img)
+    target = new if rgb.size == stored else (new[1], new[0])  # EXIF orientation turned it
+    out = rgb if rgb.size == target else rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=job.quality)
-    return buf.getvalue(), out.width, out.height, w0, h0, mode, hashlib.sha256(raw).hexdigest()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return buf.getvalue(), out.width, out.height, w0, h0, header.mode, sha
 
 
 def preprocess(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -81,6 +96,7 @@ def preprocess(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     and `out_dir` is left as it was.
     """
     check(cfg, "preprocess.")
+    check_apart(data_dir, out_dir, DataError, "--out")
     layout = read_layout(data_dir)
     check_layout(layout)
     if layout.images.empty:
@@ -88,7 +104,7 @@ def preprocess(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     table = layout.images.sort_values("image_id").reset_index(drop=True)
     names = layout.class_names()
     label_of = {cid: k for k, cid in enumerate(sorted(layout.classes["class_id"]))}
-    jobs = [_Job(str(layout.root / "images" / p), cfg.size, cfg.jpeg_quality) for p in table["path"]]
+    jobs = [_Job(str(layout.root / "images" / p), cfg.size, cfg.jpeg_quality, cfg.max_pixels) for p in table["path"]]
     out_dir = Path(out_dir)
     records = []
     with atomic_dir(out_dir) as tmp:

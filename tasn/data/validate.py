@@ -30,10 +30,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from tasn.config import ValidateConfig, check
+from tasn.config.schema import JPEG_MAX_SIDE
 from tasn.data.layout import IMAGES_TXT, LABELS_TXT, SPLIT_TXT, read_layout
 from tasn.data.manifest import build_manifest
 from tasn.errors import DataError
-from tasn.io import atomic_dir, atomic_write_json, atomic_write_text
+from tasn.io import atomic_dir, atomic_write_json, atomic_write_text, check_apart, sweep_temps
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 50  # offenders spelled out per rule in the error message (all are in the report)
@@ -100,6 +101,15 @@ def rules(cfg: ValidateConfig, class_ids: list[int]) -> list[Rule]:
         Rule("min_side", f"shorter side >= {cfg.min_side} px", "images",
              lambda: E.ExpectColumnValuesToBeBetween(column="min_side", min_value=cfg.min_side),
              lambda r: f"shorter side {r.min_side} px < {cfg.min_side} px ({r.width}x{r.height})"),
+        Rule("max_pixels", f"at most {cfg.max_pixels / 1e6:g} Mpx per image", "images",
+             lambda: E.ExpectColumnValuesToBeBetween(column="pixels", max_value=cfg.max_pixels),
+             lambda r: f"{r.width}x{r.height} px = {r.pixels / 1e6:.1f} Mpx > validate.max_pixels "
+                       f"({cfg.max_pixels / 1e6:g} Mpx); not decoded"),
+        Rule("aspect_ratio", f"longer side / shorter side <= {cfg.max_aspect_ratio:g}", "images",
+             lambda: E.ExpectColumnValuesToBeBetween(column="aspect", max_value=cfg.max_aspect_ratio),
+             lambda r: f"{r.width}x{r.height} px: aspect ratio {r.aspect:.1f} > validate.max_aspect_ratio "
+                       f"({cfg.max_aspect_ratio:g}); at preprocess.size its longer side could pass JPEG's "
+                       f"{JPEG_MAX_SIDE} px"),
         Rule("unique_bytes", "no two images are identical", "images",
              lambda: E.ExpectColumnValuesToBeUnique(column="sha256"),
              lambda r: f"identical bytes to another listed image (sha256 {str(r.sha256)[:12]})"),
@@ -249,8 +259,11 @@ def validate(data_dir: str | os.PathLike[str], report_dir: str | os.PathLike[str
     (the report then goes to `<report_dir>-failed`) if any rule fails."""
     check(cfg, "validate.")
     start = time.perf_counter()
+    for target in (Path(report_dir), failed_dir(report_dir)):
+        check_apart(data_dir, target, DataError, "--report-dir")
+        sweep_temps(target)  # what killed runs left
     layout = read_layout(data_dir)
-    manifest = build_manifest(layout, cfg.workers)
+    manifest = build_manifest(layout, cfg.workers, cfg.max_pixels)
     tables = dataset_tables(manifest, layout.classes)
     results = run_suite(tables, rules(cfg, [int(c) for c in layout.classes["class_id"]]))
     failed = [r for r in results if not r["passed"]]
