@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from tasn import lineage
 from tasn.config import PreprocessConfig, check
 from tasn.data.images import decode, to_rgb
 from tasn.data.layout import check_layout, read_layout
@@ -128,6 +129,7 @@ def preprocess(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
             "shards": shard + 1,
             "bytes": int(manifest["length"].sum()),
             "source": str(Path(data_dir)),
+            lineage.DATA_VERSION_KEY: lineage.data_version(data_dir),  # the raw data's, for train's lineage
         }
         atomic_write_json(tmp / SUMMARY, summary)
     log.info("preprocessed %d images into %s", len(manifest), out_dir)
