@@ -34,6 +34,7 @@ COMPILED = PROJECT_ROOT / "pipelines" / "tasn_pipeline.yaml"
 # The states in which a KFP run has ended (V2beta1RuntimeState); only SUCCEEDED is a success.
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")
 WAIT_TIMEOUT_S = 8 * 24 * 3600.0  # longer than the train task's own timeout (TIMEOUTS["train"])
+POLL_S = 30.0  # between two looks at a run `submit --wait` follows
 
 
 def compile_to_text() -> str:
@@ -164,7 +165,7 @@ def submit(host: str | None, token: str | None, data_uri: str, experiment: str =
            profile: str | None = None, overrides: list[str] | None = None,
            namespace: str | None = None, pipeline_root: str | None = None, pipeline_name: str | None = None,
            pipeline_version: str | None = None, wait: bool = False, wait_timeout_s: float = WAIT_TIMEOUT_S,
-           poll_s: float = 30.0, **pipeline_args: Any) -> dict[str, Any]:
+           poll_s: float | None = None, **pipeline_args: Any) -> dict[str, Any]:
     """Send the pipeline to a Kubeflow Pipelines endpoint; returns the run id and its URL.
 
     A one-off run of the pipeline compiled here, or (`pipeline_name`) a run of a new version of
@@ -193,11 +194,11 @@ def submit(host: str | None, token: str | None, data_uri: str, experiment: str =
         raise ServiceError(f"Kubeflow Pipelines at {url} refused or could not be reached: {_short(exc)}") from exc
     result.update(run_id=run.run_id, url=f"{url}/#/runs/details/{run.run_id}")
     if wait:
-        result["state"] = follow_run(client, run.run_id, wait_timeout_s, poll_s)
+        result["state"] = follow_run(client, run.run_id, wait_timeout_s, POLL_S if poll_s is None else poll_s)
     return result
 
 
-def follow_run(client: kfp.Client, run_id: str, timeout_s: float = WAIT_TIMEOUT_S, poll_s: float = 30.0,
+def follow_run(client: kfp.Client, run_id: str, timeout_s: float = WAIT_TIMEOUT_S, poll_s: float = POLL_S,
                sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> str:
     """Poll the run until it ends; its final state (SUCCEEDED, FAILED, CANCELED, ...).
 

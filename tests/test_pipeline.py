@@ -395,18 +395,23 @@ def _opt(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def test_kfp_local_runs_the_dag_handing_each_stage_its_config(fake, tmp_path):
+def test_kfp_local_runs_the_dag_handing_each_stage_its_config_and_caches_per_stage(fake, tmp_path, monkeypatch):
+    """Three runs with kfp.local's cache on. The first: the wiring, each stage's config, the run id,
+    promote after a winning gate. The second, with a new `train.lr`: validate and preprocess come
+    from the cache, and a losing gate runs no promote. The third, after the data changed in place at
+    the same path (the importer does not reimport it): everything reruns. (Which knob reaches which
+    stage: test_changing_train_lr_changes_only_the_configs_of_the_stages_after_preprocess.)"""
     raw, params, calls = fake
-    result = runner.run_local(raw, params, None, ["train.lr=0.01"], tmp_path / "root")
+    root = tmp_path / "root"
+    result = runner.run_local(raw, params, None, ["train.lr=0.01"], root, cache=True)
     records = calls()
     argvs = [r["argv"] for r in records]
-    stages = [a[0] for a in argvs]
-    assert stages == ["validate", "preprocess", "train", "evaluate", "register", "promote", "promote"]
+    everything = ["validate", "preprocess", "train", "evaluate", "register", "promote", "promote"]
+    assert [a[0] for a in argvs] == everything
     assert "--dry-run" in argvs[5] and "--decision-file" in argvs[5]  # the gate decides, changing nothing
     assert "--dry-run" not in argvs[6] and _opt(argvs[6], "--version") == "7"  # the candidate won: promote
     # every stage read the sections of the caller's config that its stage reads, nothing else
-    cfg = load_config(params, None, ["train.lr=0.01"])
-    expected = stage_configs.stage_configs(cfg)
+    expected = stage_configs.stage_configs(load_config(params, None, ["train.lr=0.01"]))
     for argv in argvs:
         stage = {"promote": "register"}.get(argv[0], argv[0])
         assert Path(_opt(argv, "--params")).read_text() == expected[f"{stage}_config"], argv[0]
@@ -425,28 +430,15 @@ def test_kfp_local_runs_the_dag_handing_each_stage_its_config(fake, tmp_path):
     assert [p.read_text() for p in reports] == ["<p>ok</p>"]  # the HTML artifact is validate's report
     assert not (tmp_path / "mlflow.db").exists()  # the tasks used the store they were given
 
-
-def test_kfp_local_with_caching_reruns_only_what_a_change_touches(fake, tmp_path, monkeypatch):
-    """Caching per stage, run by kfp.local: a new `train.lr` reruns train and what follows it, while
-    validate and preprocess come from the cache; data changed in place at the same path (the
-    importer does not reimport it) reruns everything. (Which knob reaches which stage:
-    test_changing_train_lr_changes_only_the_configs_of_the_stages_after_preprocess.) On the way, a
-    gate that says no: promote does not run."""
-    raw, params, calls = fake
-    root = tmp_path / "root"
-
-    def stages(*overrides):
-        runner.run_local(raw, params, None, list(overrides), root, cache=True)
-        return [r["argv"] for r in calls()]
-
-    everything = ["validate", "preprocess", "train", "evaluate", "register", "promote", "promote"]
-    assert [a[0] for a in stages()] == everything
-    monkeypatch.setenv("FAKE_PROMOTE", "0")  # the candidate loses
-    second = stages("train.lr=0.01")
+    monkeypatch.setenv("FAKE_PROMOTE", "0")  # this time the candidate loses
+    runner.run_local(raw, params, None, ["train.lr=0.02"], root, cache=True)
+    second = [r["argv"] for r in calls()]
     assert [a[0] for a in second] == everything[2:-1] and "--dry-run" in second[-1]
+    assert yaml.safe_load(Path(_opt(second[0], "--params")).read_text())["train"]["lr"] == 0.02
     monkeypatch.setenv("FAKE_PROMOTE", "1")
     (raw / "images.txt").write_text("1 a/1.jpg\n2 a/2.jpg\n")  # same data_uri, other data
-    assert [a[0] for a in stages("train.lr=0.01")] == everything
+    runner.run_local(raw, params, None, ["train.lr=0.02"], root, cache=True)
+    assert [r["argv"][0] for r in calls()] == everything
 
 
 def test_run_local_stops_at_the_failed_stage_without_retrying_and_still_runs_the_exit_task(fake, tmp_path,
@@ -561,8 +553,10 @@ def test_submit_can_upload_a_named_pipeline_with_versions_and_run_that_version(c
     assert calls[1][3]["version_id"] == "v-2" and second["version"] == "v9"
 
 
-def test_submit_wait_follows_the_run_and_the_cli_exits_non_zero_unless_it_succeeded(client, tmp_path, capsys):
-    got = runner.submit(None, None, "s3://b/raw", params=None, wait=True, poll_s=0)
+def test_submit_wait_follows_the_run_and_the_cli_exits_non_zero_unless_it_succeeded(client, tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(runner, "POLL_S", 0.0)
+    got = runner.submit(None, None, "s3://b/raw", params=None, wait=True)
     assert got["state"] == "SUCCEEDED" and client.instances[-1].polls == 2
     for end, code in (("SUCCEEDED", 0), ("FAILED", 4), ("CANCELED", 4)):
         client.states = ["PENDING", "RUNNING", end]
