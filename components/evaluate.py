@@ -10,9 +10,9 @@ from components import TASN_IMAGE
 def evaluate(
     prepared: Input[Dataset],
     model: Input[Model],
-    params_yaml: str,
-    profile: str,
-    overrides: list,
+    config: str,
+    kfp_run_id: str,
+    mlflow_config_map: str,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
@@ -25,7 +25,7 @@ def evaluate(
     run_tasn(
         ["evaluate", "--data", prepared.path, "--model", f"{model.path}/{MODEL}",
          "--out", evaluation.path, "--run-json", f"{model.path}/{RUN}"],
-        params_yaml, profile, overrides,
+        config, kfp_run_id=kfp_run_id, mlflow_config_map=mlflow_config_map,
     )
     log_metrics_json(metrics, f"{evaluation.path}/{METRICS}")
     categories, matrix = read_confusion(f"{evaluation.path}/{CONFUSION_CSV}")

@@ -3,8 +3,13 @@
 One node: the train task requests G GPUs and runs `torchrun --nproc-per-node G` (one process when
 G <= 1). Several nodes: the same task is a small launcher that creates a Kubeflow Trainer `TrainJob`
 of N nodes x G GPUs, follows it, fails with the job's reason, and fetches the model (`tasn.launch`).
-The plan task computes the train task's requests from (N, G) because KFP has no arithmetic on
-pipeline parameters, and a launcher holding G idle GPUs for the whole job would waste them.
+The plan task computes the train task's requests and placement from (N, G) because KFP has no
+arithmetic on pipeline parameters, and a launcher holding G idle GPUs for the whole job would waste
+them.
+
+Either way what must survive a pod lives under `<work_uri>/<KFP run id>` (work_uri "" =
+$TASN_WORK_URI from the ConfigMap tasn-s3-config): single-node checkpoints in `checkpoints/`, so a
+retried task continues where the killed pod stopped; a new run starts its own.
 """
 
 from typing import NamedTuple
@@ -16,27 +21,28 @@ from components import TASN_IMAGE
 
 
 @dsl.component(base_image=TASN_IMAGE, install_kfp_package=False)
-def train_plan(num_nodes: int, gpus_per_node: int, cpu: str, memory: str) -> NamedTuple(  # type: ignore[valid-type]
-    "Plan", gpus=int, cpu=str, memory=str  # KFP reads its outputs from this functional NamedTuple
+def train_plan(num_nodes: int, gpus_per_node: int, cpu: str, memory: str, gpu_node_label: str,
+               gpu_taint: str) -> NamedTuple(  # type: ignore[valid-type]
+    "Plan", gpus=int, cpu=str, memory=str, node_selector=dict, tolerations=list  # KFP reads its outputs from this
 ):
-    """The train task's own requests: all of (G, cpu, memory) on one node, a launcher's otherwise.
+    """The train task's own requests and placement: all of (G, cpu, memory) and the GPU nodes'
+    selector and tolerations on one node with GPUs, a launcher's footprint otherwise.
 
     It depends on no other task, so bad cluster parameters fail the run at its start.
     """
     from collections import namedtuple
 
-    from components.runtime import train_requests
+    from components.runtime import train_placement, train_requests
 
-    Plan = namedtuple("Plan", ["gpus", "cpu", "memory"])
-    return Plan(*train_requests(num_nodes, gpus_per_node, cpu, memory))
+    Plan = namedtuple("Plan", ["gpus", "cpu", "memory", "node_selector", "tolerations"])
+    gpus, cpu, memory = train_requests(num_nodes, gpus_per_node, cpu, memory)
+    return Plan(gpus, cpu, memory, *train_placement(num_nodes, gpus_per_node, gpu_node_label, gpu_taint))
 
 
 @dsl.component(base_image=TASN_IMAGE, install_kfp_package=False)
 def train(
     prepared: Input[Dataset],
-    params_yaml: str,
-    profile: str,
-    overrides: list,
+    config: str,
     image: str,
     num_nodes: int,
     gpus_per_node: int,
@@ -45,26 +51,30 @@ def train(
     namespace: str,
     runtime: str,
     job_kind: str,
+    kfp_run_id: str,
+    mlflow_config_map: str,
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Train here (one node) or through a TrainJob (several); either way the model lands in `model`.
+    """Train here (one node) or through a TrainJob (several); either way the model lands in `model`."""
+    from components.runtime import log_metrics_json, run_tasn, run_work_uri, torchrun_launcher
+    from tasn import storage
+    from tasn.training.outputs import CHECKPOINTS, METRICS
 
-    Multi-node checkpoints go under `work_uri` (S3), so a retried task or restarted job resumes.
-    """
-    from components.runtime import log_metrics_json, run_tasn, torchrun_launcher
-    from tasn.launch import TrainJobSpec, run_trainjob
-    from tasn.training.outputs import METRICS
-
+    work = run_work_uri(work_uri, kfp_run_id)
     if num_nodes == 1:
         launcher = torchrun_launcher(gpus_per_node) if gpus_per_node > 1 else ()
-        run_tasn(["train", "--data", prepared.path, "--out", model.path], params_yaml, profile, overrides, launcher)
+        stage = ["train", "--data", prepared.path, "--out", model.path]
+        if work:
+            stage += ["-S", f"train.checkpoint_dir={storage.join(work, CHECKPOINTS)}"]
+        run_tasn(stage, config, launcher, kfp_run_id=kfp_run_id, mlflow_config_map=mlflow_config_map)
     else:
+        from tasn.launch import TrainJobSpec, job_name, run_trainjob  # the kubernetes client: seconds
+
         spec = TrainJobSpec(
             image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
-            accelerator_type=accelerator_type, data_uri=prepared.uri, work_uri=work_uri,
-            params_yaml=params_yaml, profile=profile, overrides=list(overrides), runtime=runtime,
-            kind=job_kind,
+            accelerator_type=accelerator_type, data_uri=prepared.uri, work_uri=work,
+            params_yaml=config, runtime=runtime, kind=job_kind, kfp_run_id=kfp_run_id,
         )
-        run_trainjob(spec, out_dir=model.path, namespace=namespace or None)
+        run_trainjob(spec, out_dir=model.path, namespace=namespace or None, name=job_name(kfp_run_id or work))
     log_metrics_json(metrics, f"{model.path}/{METRICS}")

@@ -1,37 +1,97 @@
 """The TASN Kubeflow pipeline: validate -> preprocess -> train -> evaluate -> register -> gate -> promote.
 
-The same stages as `dvc.yaml`, each a component from `components/` running `tasn <stage>`. Data
-stages are cached (same inputs, same outputs); training, evaluation and the registry are not (they
-write to MLflow). Every task retries transient failures; training resumes from its checkpoints.
-`tasn pipeline compile` writes the YAML beside this file, and a test keeps the two in step.
+The same stages as `dvc.yaml`, each a component from `components/` running `tasn <stage>`, wired
+flat as in the kfp samples; `tasn pipeline compile` writes the YAML beside this file, and a test
+keeps the two in step. What the cluster needs is set here, per task, the Kubernetes way
+(kfp-kubernetes, in the compiled YAML's `platforms.kubernetes`):
+
+- environment: the S3 endpoint, region, work prefix and keys for the tasks that touch S3, the
+  MLflow address and credentials for the tasks that talk to MLflow, from the ConfigMaps and Secrets
+  `infra/k8s` creates (their names are pipeline parameters); those tasks also carry the pod label
+  the MLflow NetworkPolicy admits (`tasn/mlflow-client`);
+- requests and limits and a timeout on every task; the GPU nodes' selector and toleration on a
+  single-node GPU train task (computed by `train-plan`, since KFP has no arithmetic on parameters);
+- caching per stage: validate and preprocess are cached on their own config section and the data
+  version of `data_uri` (the data-version task), so `-S train.lr=...` reruns train and what follows,
+  and data changed in place reruns everything; tasks that write to MLflow are never cached;
+- retries with backoff for transient failures (a preempted node, an S3 or MLflow hiccup): training
+  resumes from its checkpoints under `<work_uri>/<run id>`, register finds its own version again,
+  and the tasks that run `tasn promote` retry for longer than one promotion-lock lease, so a lock
+  left by a killed promoter is taken over rather than failing the run;
+- an exit handler that deletes the run's multi-node training job however the run ends.
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components import TASN_IMAGE
+from components.cleanup import cleanup
+from components.data_version import data_version
 from components.evaluate import evaluate
 from components.preprocess import preprocess
 from components.register import gate, promote, register
 from components.train import train, train_plan
 from components.validate import validate
+from tasn.registry.lock import LOCK_LEASE_S
 
 PIPELINE_NAME = "tasn"
 # The project's TrainingRuntime (infra/k8s/base/training-runtime.yaml) and its namespace.
 DEFAULT_RUNTIME = "tasn-torch-distributed"
 DEFAULT_NAMESPACE = "tasn"
 RETRIES = 2  # transient failures in a cluster: preempted node, S3 or MLflow hiccup
+BACKOFF_S, BACKOFF_FACTOR, BACKOFF_MAX_S = 30, 2.0, 3600
+
+# What infra/k8s creates in the `tasn` namespace and in each Kubeflow profile namespace.
+S3_CONFIG_MAP, S3_SECRET = "tasn-s3-config", "tasn-s3-credentials"
+MLFLOW_CONFIG_MAP, MLFLOW_SECRET = "tasn-mlflow-config", "tasn-mlflow-credentials"
+S3_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "TASN_WORK_URI")
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+MLFLOW_CONFIG_KEYS = ("MLFLOW_TRACKING_URI",)
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# The labels infra/k8s/base/networkpolicies.yaml selects on: MLflow ingress; S3 and API-server
+# egress for pipeline pods that run in the `tasn` namespace itself.
+MLFLOW_CLIENT_LABEL = ("tasn/mlflow-client", "true")
+RUNNER_LABEL = ("app.kubernetes.io/component", "pipeline-runner")
+# GPU nodes as docs/cluster.md describes them (NVIDIA GPU Operator / device plugin), in kubectl's
+# notation (label `key=value[,key=value]`, taint `key:Effect[,...]`): strings, because KFP compiles a
+# dict or list default in no fixed key order, and the committed YAML must not change by itself.
+GPU_NODE_LABEL = "nvidia.com/gpu.present=true"
+GPU_TAINT = "nvidia.com/gpu:NoSchedule"
+
+HOUR = 3600
+# activeDeadlineSeconds of each task's pod. The launcher follows a job for at most
+# tasn.launch.FOLLOW_TIMEOUT_S (6 days), inside the train task's 7.
+TIMEOUTS = {"data-version": HOUR // 2, "validate": 6 * HOUR, "preprocess": 12 * HOUR, "train-plan": 600,
+            "train": 7 * 24 * HOUR, "evaluate": 6 * HOUR, "register": HOUR // 2, "gate": HOUR // 2,
+            "promote": HOUR // 2, "cleanup": 900}
+
+
+def retries_outlasting(lease_s: float, backoff_s: float = BACKOFF_S, factor: float = BACKOFF_FACTOR,
+                       max_s: float = BACKOFF_MAX_S) -> int:
+    """The fewest retries whose backoffs (backoff_s * factor**k, each capped at max_s) add up to more
+    than `lease_s`: a task retried that often outlives a promotion lock whose holder died."""
+    retries, waited = 0, 0.0
+    while waited <= lease_s:
+        waited += min(backoff_s * factor**retries, max_s)
+        retries += 1
+    return retries
+
+
+PROMOTE_RETRIES = retries_outlasting(LOCK_LEASE_S)
 
 
 def build_pipeline(retries: int = RETRIES):
     """The pipeline, with `retries` per task (run-local uses 0: a local failure is not transient,
     and kfp.local would wait out the backoff before reporting it)."""
 
-    def _configure(task, image, cpu, memory, retries: int = retries, cache: bool = False):
-        """Image, requests, retries with backoff, caching: what every task sets the same way."""
+    def _configure(task, image, cpu, memory, name: str, retries: int = retries, cache: bool = False):
+        """Image, requests = limits, timeout, retries with backoff, caching: what every task sets."""
         task.set_container_image(image)
-        task.set_cpu_request(cpu).set_memory_request(memory)
+        task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+        kubernetes.set_timeout(task, TIMEOUTS[name])
+        kubernetes.add_pod_label(task, *RUNNER_LABEL)
         if retries:
-            task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0)
+            task.set_retry(num_retries=retries, backoff_duration=f"{BACKOFF_S}s", backoff_factor=BACKOFF_FACTOR,
+                           backoff_max_duration=f"{BACKOFF_MAX_S}s")
         task.set_caching_options(enable_caching=cache)
         return task
 
@@ -42,57 +102,96 @@ def build_pipeline(retries: int = RETRIES):
     )
     def tasn_pipeline(
         data_uri: str,
-        params_yaml: str = "",
-        profile: str = "",
-        overrides: list = [],  # noqa: B006  (KFP compiles the default into the pipeline spec; never mutated)
+        validate_config: str = "",
+        preprocess_config: str = "",
+        train_config: str = "",
+        evaluate_config: str = "",
+        register_config: str = "",
         image: str = TASN_IMAGE,
         num_nodes: int = 1,
         gpus_per_node: int = 0,
         accelerator_type: str = "nvidia.com/gpu",
         train_cpu: str = "4",
         train_memory: str = "16Gi",
+        gpu_node_label: str = GPU_NODE_LABEL,
+        gpu_taint: str = GPU_TAINT,
         work_uri: str = "",
         trainjob_namespace: str = DEFAULT_NAMESPACE,
         trainer_runtime: str = DEFAULT_RUNTIME,
         job_kind: str = "TrainJob",
+        s3_config_map: str = S3_CONFIG_MAP,
+        s3_secret: str = S3_SECRET,
+        mlflow_config_map: str = MLFLOW_CONFIG_MAP,
+        mlflow_secret: str = MLFLOW_SECRET,
     ):
         """`data_uri`: the raw CUB-layout dataset (s3://... in a cluster, a local path under kfp.local).
 
-        `params_yaml`: the text of a params file ("" = the image's); `profile` and `overrides`
-        (`section.key=value`) go to every stage. One node: the train task requests `gpus_per_node` GPUs
-        of `accelerator_type`; several nodes: it launches a TrainJob (or, `job_kind="PyTorchJob"`, a
-        legacy PyTorchJob) and exchanges data, checkpoints and the model through `work_uri`
-        (s3://bucket/prefix).
+        `<stage>_config`: the YAML of the config sections each stage reads (pipelines/stage_configs.py;
+        `submit` and `run-local` fill them from your params, profile and overrides; "" = the image's
+        params.yaml). One node: the train task requests `gpus_per_node` GPUs of `accelerator_type` on a
+        node labelled `gpu_node_label`, tolerating `gpu_taint` (both "" = none); several nodes: it launches a
+        TrainJob (or, `job_kind="PyTorchJob"`, a legacy PyTorchJob). Checkpoints (and a multi-node job's
+        data and model) live under `<work_uri>/<run id>`; `work_uri` "" = TASN_WORK_URI from
+        `s3_config_map`. `*_config_map` / `*_secret`: the ConfigMaps and Secrets the tasks' environment
+        comes from.
         """
-        common = dict(params_yaml=params_yaml, profile=profile, overrides=overrides)
-        raw = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
-        raw.set_display_name("raw-data")
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-        checked = _configure(validate(data=raw.output, **common), image, "2", "4Gi", cache=True)
-        prepared_task = _configure(preprocess(data=raw.output, **common), image, "4", "8Gi", cache=True)
-        prepared_task.after(checked)
-        prepared = prepared_task.outputs["prepared"]
+        def s3(task):
+            kubernetes.use_config_map_as_env(task, s3_config_map, {k: k for k in S3_CONFIG_KEYS})
+            kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in S3_SECRET_KEYS})
+            return task
 
-        plan = train_plan(num_nodes=num_nodes, gpus_per_node=gpus_per_node, cpu=train_cpu, memory=train_memory)
-        _configure(plan, image, "100m", "256Mi", retries=0)
-        trained = train(
-            prepared=prepared, image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
-            accelerator_type=accelerator_type, work_uri=work_uri, namespace=trainjob_namespace,
-            runtime=trainer_runtime, job_kind=job_kind, **common,
-        )
-        _configure(trained, image, plan.outputs["cpu"], plan.outputs["memory"])
-        trained.set_accelerator_type(accelerator_type).set_accelerator_limit(plan.outputs["gpus"])
-        trained.after(plan)  # resource channels alone do not order the tasks
-        model = trained.outputs["model"]
+        def mlflow(task):
+            kubernetes.use_config_map_as_env(task, mlflow_config_map, {k: k for k in MLFLOW_CONFIG_KEYS})
+            kubernetes.use_secret_as_env(task, mlflow_secret, {k: k for k in MLFLOW_SECRET_KEYS})
+            kubernetes.add_pod_label(task, *MLFLOW_CLIENT_LABEL)
+            return task
 
-        scored = _configure(evaluate(prepared=prepared, model=model, **common), image, train_cpu, train_memory)
-        registered = _configure(
-            register(model=model, evaluation=scored.outputs["evaluation"], **common), image, "1", "2Gi"
-        )
-        name, version = registered.outputs["name"], registered.outputs["version"]
-        decided = _configure(gate(name=name, version=version, **common), image, "1", "2Gi")
-        with dsl.If(decided.outputs["Output"] == True, name="candidate-wins"):  # noqa: E712 (a KFP condition)
-            _configure(promote(name=name, version=version, **common), image, "1", "2Gi")
+        cleaned = cleanup(num_nodes=num_nodes, namespace=trainjob_namespace, job_kind=job_kind, kfp_run_id=run_id)
+        _configure(cleaned, image, "250m", "512Mi", "cleanup")
+        with dsl.ExitHandler(cleaned, name="tasn-run"):
+            version = s3(_configure(data_version(data_uri=data_uri), image, "500m", "1Gi", "data-version"))
+            raw = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
+            raw.set_display_name("raw-data")
+
+            checked = validate(data=raw.output, config=validate_config, data_version=version.output)
+            _configure(checked, image, "2", "4Gi", "validate", cache=True)
+            prepared_task = preprocess(data=raw.output, config=preprocess_config, data_version=version.output)
+            _configure(prepared_task, image, "4", "8Gi", "preprocess", cache=True)
+            prepared_task.after(checked)
+            prepared = prepared_task.outputs["prepared"]
+
+            plan = train_plan(num_nodes=num_nodes, gpus_per_node=gpus_per_node, cpu=train_cpu, memory=train_memory,
+                              gpu_node_label=gpu_node_label, gpu_taint=gpu_taint)
+            _configure(plan, image, "100m", "256Mi", "train-plan", retries=0)
+            trained = train(
+                prepared=prepared, config=train_config, image=image, num_nodes=num_nodes,
+                gpus_per_node=gpus_per_node, accelerator_type=accelerator_type, work_uri=work_uri,
+                namespace=trainjob_namespace, runtime=trainer_runtime, job_kind=job_kind, kfp_run_id=run_id,
+                mlflow_config_map=mlflow_config_map,
+            )
+            mlflow(s3(_configure(trained, image, plan.outputs["cpu"], plan.outputs["memory"], "train")))
+            trained.set_accelerator_type(accelerator_type).set_accelerator_limit(plan.outputs["gpus"])
+            kubernetes.add_node_selector_json(trained, plan.outputs["node_selector"])
+            kubernetes.add_toleration_json(trained, plan.outputs["tolerations"])
+            trained.after(plan)  # resource channels alone do not order the tasks
+            model = trained.outputs["model"]
+
+            scored = evaluate(prepared=prepared, model=model, config=evaluate_config, kfp_run_id=run_id,
+                              mlflow_config_map=mlflow_config_map)
+            mlflow(s3(_configure(scored, image, train_cpu, train_memory, "evaluate")))
+            registered = register(model=model, evaluation=scored.outputs["evaluation"], config=register_config,
+                                  kfp_run_id=run_id, mlflow_config_map=mlflow_config_map)
+            mlflow(_configure(registered, image, "1", "2Gi", "register"))
+            name, version_number = registered.outputs["name"], registered.outputs["version"]
+            decided = gate(name=name, version=version_number, config=register_config, kfp_run_id=run_id,
+                           mlflow_config_map=mlflow_config_map)
+            mlflow(_configure(decided, image, "1", "2Gi", "gate", retries=PROMOTE_RETRIES if retries else 0))
+            with dsl.If(decided.outputs["Output"] == True, name="candidate-wins"):  # noqa: E712 (a KFP condition)
+                promoted = promote(name=name, version=version_number, config=register_config, kfp_run_id=run_id,
+                                   mlflow_config_map=mlflow_config_map)
+                mlflow(_configure(promoted, image, "1", "2Gi", "promote", retries=PROMOTE_RETRIES if retries else 0))
 
     return tasn_pipeline
 

@@ -6,7 +6,15 @@ checkpoint holds what an interrupted run needs to continue bit for bit: model, o
 scheduler, grad scaler, the random states (python, numpy, torch, cuda), epoch, optimizer step and
 the sampler position inside the epoch. Files are named `ckpt-<step>.pt` with the step zero-padded,
 so the newest is the last in name order; each is written atomically, so a kill mid-write leaves the
-previous one intact.
+previous one intact (and a temporary file beside it, which `sweep_temporaries` removes when the
+next run starts).
+
+Every checkpoint also records a fingerprint of what its weights depend on (`fingerprint`: the
+model, loss, train and preprocess settings and the data version). A run resumes only from a
+checkpoint with its own fingerprint: continuing another config's weights would train nothing, or
+the wrong thing, and then write the new config into model.pt as if it had been trained with it.
+`train.force_resume: true` resumes anyway. Resuming `auto` skips an unreadable newest checkpoint
+(truncated by a full disk, a foreign file) with a warning and continues from the next kept one.
 """
 
 from __future__ import annotations
@@ -15,20 +23,33 @@ import io
 import logging
 import random
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from tasn import storage
-from tasn.config import ModelConfig
-from tasn.errors import TASNError
+from tasn.config import Config, ModelConfig
+from tasn.errors import ConfigError, TASNError
 from tasn.model import build_model
 from tasn.model.network import Network
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"ckpt-(\d{9})\.pt$")
+# What tasn.io.atomic_write_bytes leaves beside `ckpt-<step>.pt` when killed mid-write.
+_TEMPORARY = re.compile(r"^\.ckpt-\d{9}\.pt\..+\.tmp$")
+
+# The sections a checkpoint's weights depend on, and the keys among them that only steer the run
+# (where it saves, what it logs, when it stops early): those may change between a run and its resumption.
+FINGERPRINT_SECTIONS = ("model", "loss", "train", "preprocess")
+FINGERPRINT_IGNORED = frozenset({
+    "train.resume", "train.force_resume", "train.checkpoint_dir", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.log_every", "train.picture_images", "train.workers", "train.max_steps",
+    "preprocess.workers",
+})
+DATA_VERSION = "data.version"  # the fingerprint's data key
 
 
 def checkpoint_name(step: int) -> str:
@@ -96,24 +117,82 @@ def latest_checkpoint(directory: str, endpoint: str | None = None) -> str | None
     return found[-1] if found else None
 
 
-def resume_source(resume: str, directory: str, endpoint: str | None = None) -> str | None:
-    """The checkpoint a run continues from: `never` -> None, `auto` -> the newest in `directory`
-    (None when there is none), else `resume` itself, which must exist."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(directory, endpoint)
-    if not storage.exists(resume, endpoint):
-        raise TASNError(f"--resume {resume}: no checkpoint there")
-    return resume
-
-
 def load_checkpoint(uri: str, endpoint: str | None = None) -> dict[str, Any]:
     state = from_bytes(storage.read_bytes(uri, endpoint=endpoint), uri)
     missing = {"model", "optimizer", "epoch", "step"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise ValueError(f"{uri} is not a training checkpoint (missing {', '.join(sorted(missing))})")
     return state
+
+
+def resume_source(resume: str, directory: str, endpoint: str | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint a run continues from, loaded: `never` -> None; `auto` -> the newest readable
+    one in `directory` (an unreadable one is skipped with a warning naming it; None when there is
+    none); else `resume` itself, a path or URI that must hold a readable checkpoint."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        if not storage.exists(resume, endpoint):
+            raise TASNError(f"--resume {resume}: no checkpoint there")
+        try:
+            return resume, load_checkpoint(resume, endpoint)
+        except ValueError as exc:
+            raise TASNError(f"--resume {resume}: {exc}") from exc
+    for uri in reversed(list_checkpoints(directory, endpoint)):
+        try:
+            return uri, load_checkpoint(uri, endpoint)
+        except ValueError as exc:
+            log.warning("skipping checkpoint %s: %s; trying the one before it", uri, exc)
+    return None
+
+
+def sweep_temporaries(directory: str) -> list[str]:
+    """Delete what killed checkpoint writes left in a local checkpoint folder (an S3 PUT leaves
+    nothing); returns the removed paths. Call at the start of the run that owns the folder."""
+    folder = Path(directory)
+    if storage.is_s3(directory) or not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and _TEMPORARY.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
+            log.warning("removed %s, left by a checkpoint write that was killed", path)
+    return removed
+
+
+# -- fingerprints ----------------------------------------------------------------------------
+
+def fingerprint(cfg: Config, data_version: str | None) -> dict[str, Any]:
+    """`section.key -> value` of everything a checkpoint's weights depend on, plus the data version."""
+    flat = cfg.flat()
+    keys = (k for k in flat if k.split(".", 1)[0] in FINGERPRINT_SECTIONS and k not in FINGERPRINT_IGNORED)
+    return {**{k: flat[k] for k in sorted(keys)}, DATA_VERSION: data_version}
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key (saved -> current)` for every key whose value differs (or is missing on one side)."""
+    missing = object()
+    keys = sorted(set(saved) | set(current))
+    return [f"{k} ({saved.get(k, 'unset')!r} -> {current.get(k, 'unset')!r})" for k in keys
+            if saved.get(k, missing) != current.get(k, missing)]
+
+
+def check_fingerprint(uri: str, state: dict[str, Any], current: dict[str, Any], force: bool) -> list[str]:
+    """The differences between the checkpoint's fingerprint and this run's; a ConfigError naming
+    them unless `force` (then they are returned, for the caller to report)."""
+    saved = state.get("fingerprint")
+    if saved is None:
+        diffs = ["the checkpoint has no fingerprint (written by an older tasn)"]
+    else:
+        diffs = differences(dict(saved), current)
+    if diffs and not force:
+        raise ConfigError(
+            f"{uri} was written by a run of another config or data, so it cannot be continued: "
+            f"{'; '.join(diffs)}. Start afresh with -S train.resume=never (or another --out or "
+            "train.checkpoint_dir), or resume anyway with -S train.force_resume=true"
+        )
+    return diffs
 
 
 # -- the final model -------------------------------------------------------------------------

@@ -8,7 +8,11 @@ copies the model the job left under `work_uri` back into the task's output.
 Each node runs `python -m tasn.launch node`: it fetches the prepared data from S3, runs
 `torchrun -m tasn.cli train` (torchrun reads the `PET_*` rendezvous variables the Trainer sets), and
 node 0 uploads the outputs. Checkpoints go to `<work_uri>/checkpoints` with `train.resume=auto`, so
-a restarted pod, job or pipeline task resumes instead of starting over.
+a restarted pod, job or pipeline task resumes instead of starting over (the pipeline makes
+`work_uri` the run's own, `<work_uri>/<KFP run id>`, and every checkpoint's fingerprint must match
+the run's, so another config never continues an old run). The job is named after the KFP run, so a
+retried launcher adopts its own job and the pipeline's exit task deletes it (`delete_job`) when
+the run ends, fails or is cancelled; `follow` gives up after `FOLLOW_TIMEOUT_S` by default.
 
 Pinned to Kubeflow Trainer v2.1 (`trainer.kubeflow.org/v1alpha1`): v2.1 calls the pod-level
 overrides `podTemplateOverrides` (v2.0 called them `podSpecOverrides`; v2.2 replaces them with
@@ -38,6 +42,7 @@ from kubernetes import config as k8s_config
 from tasn import storage
 from tasn.config import installed_params, write_params
 from tasn.errors import ServiceError, TASNError
+from tasn.lineage import KFP_RUN_ID_ENV
 from tasn.redact import install_log_redaction
 from tasn.storage import copy_tree
 from tasn.training.outputs import CHECKPOINTS
@@ -72,6 +77,9 @@ PARAMS_ENV = "TASN_PARAMS_YAML"
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 WORK_OUT = "out"  # node 0's outputs under work_uri (the job's checkpoints: <work_uri>/checkpoints)
+# How long the launcher follows a job by default: within the pipeline's train-task timeout
+# (pipelines/tasn_pipeline.py TIMEOUTS), so a stuck job fails the task with a message, not a kill.
+FOLLOW_TIMEOUT_S = 6 * 24 * 3600.0
 
 
 @dataclass
@@ -95,6 +103,7 @@ class TrainJobSpec:
     s3_secret: str = "tasn-s3-credentials"  # keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
     mlflow_secret: str = "tasn-mlflow-credentials"  # keys MLFLOW_TRACKING_USERNAME and _PASSWORD
     kind: str = "TrainJob"  # or PyTorchJob (legacy training-operator)
+    kfp_run_id: str = ""  # the pipeline run's id, as $TASN_KFP_RUN_ID on every node
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -112,12 +121,15 @@ class TrainJobSpec:
 
 
 def job_name(key: str) -> str:
-    """A stable DNS-1035 name from the task's output URI: a retried task finds its own job again."""
+    """A stable DNS-1035 name from a key (the pipeline's: its KFP run id): a retried task finds its
+    own job again, and the run's exit task finds the job to delete."""
     return "tasn-train-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _env(spec: TrainJobSpec, environ: dict[str, str]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": PARAMS_ENV, "value": spec.params_yaml}]
+    if spec.kfp_run_id:
+        env.append({"name": KFP_RUN_ID_ENV, "value": spec.kfp_run_id})
     env += [{"name": k, "value": environ[k]} for k in FORWARDED_ENV if environ.get(k)]
     secrets = {spec.s3_secret: ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
                spec.mlflow_secret: ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
@@ -275,7 +287,7 @@ def follow(
     name: str,
     namespace: str,
     poll_s: float = 15.0,
-    timeout_s: float | None = None,
+    timeout_s: float | None = FOLLOW_TIMEOUT_S,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     max_api_errors: int = 8,
@@ -284,7 +296,7 @@ def follow(
     """Poll the job until it is done (Complete/Succeeded: returned) or Failed (raised with its reason).
 
     API hiccups (5xx, connection resets) are retried up to `max_api_errors` times in a row; a job
-    that disappears (404) or runs past `timeout_s` is an error naming the job.
+    that disappears (404) or runs past `timeout_s` (None: no limit) is an error naming the job.
     """
     k = KINDS[kind]
     what = f"{k.kind} {namespace}/{name}"
@@ -340,13 +352,32 @@ def current_namespace() -> str:
     return path.read_text().strip() if path.exists() else "default"
 
 
+def delete_job(api, name: str, namespace: str, kind: str = "TrainJob") -> bool:
+    """Delete the job and, in the foreground, its pods; False when it was not there (any more)."""
+    k = KINDS[kind]
+    try:
+        api.delete_namespaced_custom_object(k.group, k.version, namespace, k.plural, name,
+                                            body={"propagationPolicy": "Foreground"})
+    except Exception as exc:
+        if _api_status(exc) == 404:
+            return False
+        raise ServiceError(f"could not delete {k.kind} {namespace}/{name}: {exc}") from exc
+    log.info("deleted %s %s/%s", k.kind, namespace, name)
+    return True
+
+
 def run_trainjob(spec: TrainJobSpec, out_dir: str, namespace: str | None = None, api=None,
-                 poll_s: float = 15.0, timeout_s: float | None = None) -> dict[str, Any]:
-    """Render the job (`spec.kind`), create (or adopt) it, follow it, fetch the model into `out_dir`."""
+                 poll_s: float = 15.0, timeout_s: float | None = FOLLOW_TIMEOUT_S,
+                 name: str | None = None) -> dict[str, Any]:
+    """Render the job (`spec.kind`), create (or adopt) it, follow it, fetch the model into `out_dir`.
+
+    `name`: the job's (the pipeline passes `job_name(<KFP run id>)`, which its exit task deletes);
+    default: derived from `work_uri` and `out_dir`.
+    """
     spec.check()
     api = api or kube_api()
     namespace = namespace or current_namespace()
-    name = job_name(f"{spec.work_uri}|{out_dir}")
+    name = name or job_name(f"{spec.work_uri}|{out_dir}")
     create(api, render_job(spec, name), namespace)
     obj = follow(api, name, namespace, poll_s=poll_s, timeout_s=timeout_s, kind=spec.kind)
     count = copy_tree(storage.join(spec.work_uri, WORK_OUT), out_dir)

@@ -130,14 +130,20 @@ def list_prefix(uri: str, endpoint: str | None = None) -> list[str]:
     if not is_s3(uri):
         path = Path(uri)
         return sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    return [obj_uri for obj_uri, _, _ in list_objects(uri, endpoint)]
+
+
+def list_objects(uri: str, endpoint: str | None = None) -> list[tuple[str, int, str]]:
+    """(URI, size, ETag) of every object under an S3 prefix, sorted by URI (tasn.lineage digests it)."""
     prefix = split_s3(uri)[1].rstrip("/")
     prefix = f"{prefix}/" if prefix else ""
 
     def _list(client, bucket, _key):
-        keys = []
+        found = []
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys += [obj["Key"] for obj in page.get("Contents", [])]
-        return sorted(f"{S3_PREFIX}{bucket}/{k}" for k in keys)
+            found += [(f"{S3_PREFIX}{bucket}/{o['Key']}", int(o["Size"]), str(o.get("ETag", "")).strip('"'))
+                      for o in page.get("Contents", [])]
+        return sorted(found)
 
     return _s3_call(uri, endpoint, _list, needs_key=False)
 

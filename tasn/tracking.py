@@ -23,15 +23,12 @@ import importlib.util
 import logging
 import os
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import yaml
 
 from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
@@ -191,26 +188,6 @@ def scrub(mapping: dict[str, Any]) -> dict[str, Any]:
     """What may be sent as MLflow params or tags: `tasn.redact.redact_mapping` (credential-named
     keys' values and secrets inside values become `REDACTED`)."""
     return redact_mapping(mapping)
-
-
-def git_commit(cwd: str | Path = ".") -> str | None:
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() if res.returncode == 0 else None
-
-
-def data_version(dvc_file: str | Path = "data.dvc") -> str | None:
-    """The md5 DVC recorded for the raw data directory (`outs[0].md5` of data.dvc), if any."""
-    path = Path(dvc_file)
-    if not path.is_file():
-        return None
-    try:
-        outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
-    except yaml.YAMLError:
-        return None
-    return next((str(o["md5"]) for o in outs if isinstance(o, dict) and o.get("md5")), None)
 
 
 def system_metrics_wanted(enabled: bool) -> bool:

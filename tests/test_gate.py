@@ -25,11 +25,18 @@ CASES = [
     ("different data versions are not comparable", v("2", 0.9, "d2"), v("1", 0.5, "d1"), "refuse",
      ["not comparable", "data version d2", "on d1", "--force --reason"]),
     ("unknown data version against a known one is not comparable", v("2", 0.9, UNKNOWN), v("1", 0.5), "refuse",
+     ["not comparable (the data version of v2 is unknown)", f"data version {UNKNOWN}", "--force --reason"]),
+    ("a known data version against an unknown incumbent is not comparable", v("2", 0.9), v("1", 0.5, UNKNOWN),
+     "refuse", ["not comparable (the data version of v1 is unknown)", f"on {UNKNOWN}"]),
+    # Unknown on both sides is not "the same data": nobody recorded what either model saw.
+    ("unknown data version on both sides is not comparable", v("2", 0.9, UNKNOWN), v("1", 0.5, UNKNOWN), "refuse",
+     ["not comparable (the data version of v2 and v1 is unknown)", "0.9", "0.5", "--force --reason"]),
+    ("the legacy 'untracked' tag is an unknown version too", v("2", 0.9, "untracked"), v("1", 0.5, "untracked"),
+     "refuse", ["not comparable", "unknown"]),
+    ("an empty data version is unknown", v("2", 0.9, ""), v("1", 0.5, ""), "refuse",
      ["not comparable", f"data version {UNKNOWN}"]),
-    # Today's rule compares versions whose data versions are equal, even when both are unknown.
-    # Issue 11 makes unknown never comparable: then this case becomes ("refuse", ["not comparable"]).
-    ("unknown data version on both sides compares the metrics (today)", v("2", 0.9, UNKNOWN),
-     v("1", 0.5, UNKNOWN), "promote", ["better", f"data version {UNKNOWN}"]),
+    ("no incumbent: an unknown data version compares with nothing, so it is a first promotion",
+     v("1", 0.5, UNKNOWN), None, "promote", ["no version holds 'staging'"]),
     ("the incumbent has no metric", v("2", 0.9), v("1", None), "refuse", ["has no master_aux_top1 tag", "v1"]),
     ("the candidate already holds the alias", v("1", 0.5), v("1", 0.5), "unchanged", ["already holds 'staging'"]),
 ]

@@ -4,12 +4,13 @@ against a fake CustomObjectsApi that plays back a job's life."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 
-from tasn import launch
+from tasn import launch, lineage
 from tasn.data.preprocess import MANIFEST, SHARDS
 from tasn.errors import ServiceError, TASNError
 from tasn.training.outputs import CHECKPOINTS, METRICS, MODEL
@@ -26,11 +27,18 @@ class ApiError(Exception):
 class FakeApi:
     """Records creates; `get` returns the next state of a scripted sequence (the last repeats)."""
 
-    def __init__(self, states=(), create_status: int | None = None):
+    def __init__(self, states=(), create_status: int | None = None, delete_status: int | None = None):
         self.states = list(states)
         self.created: list[tuple] = []
+        self.deleted: list[tuple] = []
+        self.delete_status = delete_status
         self.gets = 0
         self.create_status = create_status
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        self.deleted.append((group, version, namespace, plural, name, body))
+        if self.delete_status:
+            raise ApiError(self.delete_status)
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         if self.create_status:
@@ -261,3 +269,41 @@ def test_rendered_pytorchjob_validates_against_the_crd_schema_in_the_repo(nodes)
     bad = json.loads(json.dumps(body))
     bad["spec"]["nprocPerNode"] = 8  # a string in training-operator v1
     assert validate_document(bad)
+
+
+def test_follow_has_a_default_timeout_within_the_train_tasks():
+    default = inspect.signature(launch.follow).parameters["timeout_s"].default
+    assert default == launch.FOLLOW_TIMEOUT_S and 0 < default < float("inf")
+    ticks = iter(range(0, 10**8, 3600))
+    with pytest.raises(ServiceError, match=f"did not finish within {launch.FOLLOW_TIMEOUT_S:.0f} s"):
+        launch.follow(FakeApi([job(("Created", "True", "", ""))]), "j", "ns", poll_s=0, sleep=lambda s: None,
+                      clock=lambda: next(ticks))
+
+
+@pytest.mark.parametrize("kind", ["TrainJob", "PyTorchJob"])
+def test_delete_job_removes_the_runs_job_and_tolerates_its_absence(kind):
+    api = FakeApi()
+    assert launch.delete_job(api, "tasn-train-abc", "tasn", kind) is True
+    ((group, version, namespace, plural, name, body),) = api.deleted
+    k = launch.KINDS[kind]
+    assert (group, version, namespace, plural, name) == (k.group, k.version, "tasn", k.plural, "tasn-train-abc")
+    assert body == {"propagationPolicy": "Foreground"}  # its pods go with it
+    assert launch.delete_job(FakeApi(delete_status=404), "gone", "tasn", kind) is False
+    with pytest.raises(ServiceError, match=f"could not delete {kind} tasn/x: HTTP 403"):
+        launch.delete_job(FakeApi(delete_status=403), "x", "tasn", kind)
+
+
+def test_the_pipeline_names_the_job_after_its_run_so_the_exit_task_finds_it(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / launch.WORK_OUT).mkdir(parents=True)
+    (work / launch.WORK_OUT / MODEL).write_bytes(b"weights")
+    monkeypatch.setattr(launch.TrainJobSpec, "check", lambda self: None)
+    api = FakeApi([job(("Complete", "True", "", ""))])
+    launch.run_trainjob(spec(work_uri=str(work), kfp_run_id="run-7"), str(tmp_path / "m"), namespace="ml", api=api,
+                        poll_s=0, name=launch.job_name("run-7"))
+    ((_, _, _, _, body),) = api.created
+    assert body["metadata"]["name"] == launch.job_name("run-7")
+    env = {e["name"]: e.get("value") for e in body["spec"]["trainer"]["env"]}
+    assert env[lineage.KFP_RUN_ID_ENV] == "run-7"  # the nodes' MLflow run is tagged with the KFP run
+    launch.delete_job(api, launch.job_name("run-7"), "ml")
+    assert api.deleted[0][4] == body["metadata"]["name"]

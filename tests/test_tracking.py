@@ -46,12 +46,6 @@ def test_retry_survives_transient_failures_and_never_raises(caplog):
     assert "giving up on always broken" in caplog.text
 
 
-def test_data_version_is_the_md5_dvc_recorded(tmp_path):
-    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  size: 10\n  nfiles: 2\n  path: raw\n")
-    assert tracking.data_version(tmp_path / "data.dvc") == "0123abcd.dir"
-    assert tracking.data_version(tmp_path / "missing.dvc") is None
-
-
 def test_local_default_is_sqlite_with_artifacts_in_mlruns(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = tracking.setup(TrackingConfig())

@@ -134,6 +134,7 @@ class TrainConfig:
     keep_checkpoints: Annotated[int, Range(ge=0, le=10**6)] = 2  # newest step checkpoints kept; 0 = all
     batchnorm: BatchNormMode = "local"
     resume: str = "auto"  # auto | never | a checkpoint path or URI
+    force_resume: bool = False  # resume even from a checkpoint of another config or data (its fingerprint differs)
     max_steps: Steps = 0  # 0 = no limit (for smoke runs)
     log_every: Annotated[int, Range(ge=1, le=10**9)] = 5  # optimizer steps
     picture_images: Annotated[int, Range(ge=0, le=64)] = 4  # fixed validation images drawn each epoch

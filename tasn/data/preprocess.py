@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from tasn import lineage
 from tasn.config import PreprocessConfig, check
 from tasn.config.schema import JPEG_MAX_SIDE
 from tasn.data.images import decode, read_header, to_rgb
@@ -144,6 +145,7 @@ def preprocess(data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
             "shards": shard + 1,
             "bytes": int(manifest["length"].sum()),
             "source": str(Path(data_dir)),
+            lineage.DATA_VERSION_KEY: lineage.data_version(data_dir),  # the raw data's, for train's lineage
         }
         atomic_write_json(tmp / SUMMARY, summary)
     log.info("preprocessed %d images into %s", len(manifest), out_dir)

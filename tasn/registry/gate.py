@@ -1,8 +1,10 @@
 """The champion/challenger rule, as a pure function of the candidate, the incumbent and their data.
 
 A candidate takes the alias only if its primary metric is strictly greater than the current
-holder's, both evaluated on the same data version (a tie is not a win); with no holder it is
-promoted; a forced promotion needs a reason and skips the comparison. `judge` decides from the
+holder's, both evaluated on the same, known data version (a tie is not a win): two unknown versions
+are not "the same data", they are data nobody recorded, so the gate refuses rather than compare
+them. With no holder the candidate is promoted; a forced promotion needs a reason and skips the
+comparison. `judge` decides from the
 values alone, so the rule is tested over a table of cases without a server; `tasn.registry.promotion`
 reads the values from MLflow, takes the lock and applies the verdict.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tasn.errors import RegistryError
+from tasn.registry.tags import UNKNOWN
 
 Outcome = Literal["promote", "refuse", "unchanged"]
 
@@ -41,9 +44,18 @@ def require_reason(force: bool, reason: str | None) -> str | None:
     return reason.strip()
 
 
+# What versions registered without a data version carry: `unknown` (tags.UNKNOWN), `untracked` (what
+# `tasn train` tagged before it read the version from the prepared data), or nothing at all.
+UNKNOWN_DATA = frozenset({UNKNOWN, "untracked", ""})
+
+
+def known(data_version: str) -> bool:
+    return data_version.strip() not in UNKNOWN_DATA
+
+
 def comparable(candidate_data: str, incumbent_data: str) -> bool:
-    """Whether two metrics can be compared: evaluated on the same data version."""
-    return candidate_data == incumbent_data
+    """Whether two metrics can be compared: evaluated on the same data version, a known one."""
+    return known(candidate_data) and candidate_data == incumbent_data
 
 
 def judge(candidate: Standing, incumbent: Standing | None, *, alias: str, primary_metric: str,
@@ -64,9 +76,11 @@ def judge(candidate: Standing, incumbent: Standing | None, *, alias: str, primar
     if incumbent.metric is not None:
         numbers += f", {alias} v{incumbent.version} {primary_metric}={incumbent.metric:.6g}"
     if not comparable(candidate.data_version, incumbent.data_version):
-        return Verdict("refuse", f"not comparable: candidate v{candidate.version} was evaluated on data version "
-                                 f"{candidate.data_version}, {alias} v{incumbent.version} on {incumbent.data_version} "
-                                 f"({numbers}); promote with --force --reason")
+        unknown = [f"v{s.version}" for s in (candidate, incumbent) if not known(s.data_version)]
+        why = f" (the data version of {' and '.join(unknown)} is unknown)" if unknown else ""
+        return Verdict("refuse", f"not comparable{why}: candidate v{candidate.version} was evaluated on data version "
+                                 f"{candidate.data_version or UNKNOWN}, {alias} v{incumbent.version} on "
+                                 f"{incumbent.data_version or UNKNOWN} ({numbers}); promote with --force --reason")
     if incumbent.metric is None:
         return Verdict("refuse", f"{alias} v{incumbent.version} has no {primary_metric} tag to compare with "
                                  f"({numbers}); promote with --force --reason")

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from tasn import tracking
+from tasn import lineage
 from tasn.errors import RegistryError
 from tasn.registry.gate import Standing
 from tasn.registry.tags import DATA_VERSION_TAG, GIT_COMMIT_TAG, METRIC_TAG, RUN_ID_TAG, UNKNOWN, metric_tags
@@ -73,14 +73,29 @@ def register_version(
         raise RegistryError(f"no numeric metrics to register for run {run_id} (got keys {sorted(metrics)})")
     tags[DATA_VERSION_TAG] = run_tags.get(data_version_tag) or UNKNOWN
     commit = next((run_tags[t] for t in git_commit_tags if run_tags.get(t)), None)
-    tags[GIT_COMMIT_TAG] = commit or tracking.git_commit() or UNKNOWN
+    tags[GIT_COMMIT_TAG] = commit or lineage.git_commit() or UNKNOWN
     tags[RUN_ID_TAG] = run_id
+    kfp_run = os.environ.get(lineage.KFP_RUN_ID_ENV)
+    if kfp_run:  # a pipeline task, which KFP may retry after it registered: no second version
+        tags[lineage.KFP_RUN_TAG] = kfp_run
+        earlier = registered_in_run(mc, name, run_id, kfp_run)
+        if earlier is not None:
+            log.info("run %s is registered as %s version %s in KFP run %s already: reusing it", run_id, name,
+                     earlier.version, kfp_run)
+            return earlier
     try:
         mv = mlflow.register_model(model_uri, name, tags=tags)
     except MlflowException as exc:
         raise RegistryError(f"registering {model_uri} as {name!r} failed: {exc.message}") from exc
     log.info("registered %s as %s version %s", model_uri, name, mv.version)
     return mv
+
+
+def registered_in_run(mc: MlflowClient, name: str, run_id: str, kfp_run: str) -> ModelVersion | None:
+    """The version of `name` that KFP run `kfp_run` registered for training run `run_id`, if any."""
+    found = [mv for mv in mc.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+             if mv.tags.get(lineage.KFP_RUN_TAG) == kfp_run]
+    return min(found, key=lambda mv: int(mv.version)) if found else None
 
 
 def get_version(mc: MlflowClient, name: str, version: str | int) -> ModelVersion:

@@ -56,6 +56,7 @@ class Loop:
     pos: Position = field(default_factory=Position)
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
     steps: list[dict[str, Any]] = field(default_factory=list)  # one row per logged optimizer step
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # tasn.checkpoint.fingerprint of this run
 
     def __post_init__(self) -> None:
         self.amp_dtype, self.scaler = precision(self.cfg.train.amp, self.ctx.device)
@@ -101,6 +102,7 @@ class Loop:
             "config": self.cfg.to_dict(),
             "classes": self.classes,
             "kind": self.cfg.model.kind,
+            "fingerprint": self.fingerprint,
         }
 
     def restore(self, state: dict[str, Any]) -> None:

@@ -3,6 +3,10 @@
 `_train` reads top to bottom like torchvision's references/classification `main`: determinism and
 seeds, data, model, optimizer and schedule, resume, wrap for DDP, start tracking, then the epochs
 (train, end of epoch) and the outputs.
+
+Resuming: what killed checkpoint writes left is swept first; the checkpoint is the newest readable
+one (or `--resume`'s), and only one whose fingerprint (model, loss, train and preprocess settings,
+the data version preprocess recorded) is this run's own, unless `train.force_resume`.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from tasn import checkpoint, distributed, tracking
+from tasn import checkpoint, distributed, lineage, tracking
 from tasn.config import Config, check
-from tasn.errors import DataError
+from tasn.data.preprocess import SUMMARY
+from tasn.errors import DataError, TASNError
 from tasn.model import build_loss, build_model
 from tasn.training.loop import Loop
 from tasn.training.modes import configure_determinism, place
@@ -60,20 +65,16 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
     optimizer = build_optimizer(model.parameters(), t)
     scheduler = build_scheduler(optimizer, t)
     loss_fn = build_loss(cfg.model, cfg.loss).to(ctx.device)
+    data_version = lineage.recorded_data_version(data_dir / SUMMARY)
     loop = Loop(cfg, ctx, model, loss_fn, optimizer, scheduler, data.classes,
-                ckpt_dir=t.checkpoint_dir or str(out_dir / CHECKPOINTS))
-
-    source = checkpoint.resume_source(resume, loop.ckpt_dir, loop.endpoint) if ctx.is_main else None
-    source = distributed.broadcast_object(source)
-    if source:
-        loop.restore(checkpoint.load_checkpoint(source, loop.endpoint))
-        log.info("resuming from %s at epoch %d, batch %d, step %d", source, loop.pos.epoch + 1, loop.pos.batch,
-                 loop.pos.step)
+                ckpt_dir=t.checkpoint_dir or str(out_dir / CHECKPOINTS),
+                fingerprint=checkpoint.fingerprint(cfg, data_version))
+    resume_from(loop, resume)
     if ctx.distributed:
         loop.model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
     if ctx.is_main and cfg.tracking.enabled:
-        loop.run = start_run(cfg, data_dir, ctx, loop.run_id)
+        loop.run = start_run(cfg, data_dir, data_version, ctx, loop.run_id)
         loop.run_id = loop.run.run_id
     pictures = data.pictures(t.picture_images) if ctx.is_main else None
 
@@ -104,11 +105,36 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
             loop.run.end(status)
 
 
-def start_run(cfg: Config, data_dir: Path, ctx: distributed.Context, run_id: str | None) -> tracking.Run:
-    """The MLflow run (continued when a checkpoint names one): lineage tags and the whole config."""
+def resume_from(loop: Loop, resume: str) -> None:
+    """Continue from the checkpoint `resume` picks (tasn.checkpoint.resume_source), if its
+    fingerprint is this run's (or `train.force_resume`). Rank 0 picks it; every rank loads it and
+    checks the fingerprint, so a refusal stops every rank, not only the first."""
+    ctx = loop.ctx
+    if ctx.is_main:
+        checkpoint.sweep_temporaries(loop.ckpt_dir)
+    picked = checkpoint.resume_source(resume, loop.ckpt_dir, loop.endpoint) if ctx.is_main else None
+    source = distributed.broadcast_object(picked[0] if picked else None)
+    if not source:
+        return
+    state = picked[1] if picked else checkpoint.load_checkpoint(source, loop.endpoint)
+    diffs = checkpoint.check_fingerprint(source, state, loop.fingerprint, loop.cfg.train.force_resume)
+    if diffs:
+        log.warning("train.force_resume: continuing %s although %s", source, "; ".join(diffs))
+    try:
+        loop.restore(state)
+    except (RuntimeError, KeyError, ValueError) as exc:  # load_state_dict of another model, a foreign state
+        raise TASNError(f"cannot resume from {source}: {exc}"[:2000]) from exc
+    log.info("resuming from %s at epoch %d, batch %d, step %d", source, loop.pos.epoch + 1, loop.pos.batch,
+             loop.pos.step)
+
+
+def start_run(cfg: Config, data_dir: Path, data_version: str | None, ctx: distributed.Context,
+              run_id: str | None) -> tracking.Run:
+    """The MLflow run (continued when a checkpoint names one): lineage tags and the whole config.
+    `data.version` is set only when known (the registry reads a missing one as unknown)."""
     tags = {
-        "git.commit": tracking.git_commit(),
-        "data.version": tracking.data_version() or "untracked",
+        "git.commit": lineage.git_commit(),
+        "data.version": data_version,
         "data.path": str(data_dir),
         "model.kind": cfg.model.kind,
         "world_size": str(ctx.world_size),
