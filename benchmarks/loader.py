@@ -31,7 +31,7 @@ from tasn.data.validate import validate
 
 
 def _loader_rate(prepared: Path, input_size: int, workers: int, batches: int, batch_size: int) -> float:
-    ds = PreparedDataset(prepared, "train", train_transform(input_size, 0.4, 30.0))
+    ds = PreparedDataset(prepared, "train", train_transform(input_size, 0.4, 30.0, 0.1))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                         persistent_workers=workers > 0, drop_last=True)
     torch.manual_seed(0)

@@ -20,9 +20,18 @@ AttentionBackbone = Literal["resnet18", "resnet34", "resnet18-slim"]
 BatchNormMode = Literal["local", "sync", "frozen"]
 # The attention sampler: the fused CUDA op when available, the PyTorch reference, or the op (required).
 SamplerImpl = Literal["auto", "reference", "fused"]
+# The optimizer: the authors' plain SGD (momentum optional), or AdamW.
+Optimizer = Literal["sgd", "adamw"]
+# The learning-rate schedule after the warm-up: x gamma at each milestone epoch, or cosine to 0.
+Schedule = Literal["step", "cosine"]
+# Distillation's soft targets softmax(part / T): with their gradient (the authors' code), or constants.
+DistillTeacher = Literal["authors", "detached"]
 
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 ATTENTION_BACKBONES: tuple[str, ...] = get_args(AttentionBackbone)
 BATCHNORM_MODES: tuple[str, ...] = get_args(BatchNormMode)
 SAMPLER_IMPLS: tuple[str, ...] = get_args(SamplerImpl)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+DISTILL_TEACHERS: tuple[str, ...] = get_args(DistillTeacher)

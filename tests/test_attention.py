@@ -11,7 +11,7 @@ from tasn.model.attention import AttentionNet, MultiDilationHead, trilinear_atte
 
 
 def loop_trilinear(x: torch.Tensor, scale: float = 7.0) -> torch.Tensor:
-    """M = N(N(X) X^T) X, one sample, channel and position at a time (TASN.md step 2)."""
+    """M = N(N(X) X^T) X, one sample, channel and position at a time (docs/method.md step 2)."""
     n, c, h, w = x.shape
     out = torch.zeros(n, c, h * w, dtype=torch.float64)
     for b in range(n):
@@ -65,7 +65,7 @@ def test_attention_net_is_output_stride_8_with_its_own_classifier():
     with torch.no_grad():
         logits, feats = net(torch.randn(1, 3, 224, 224))
     assert logits.shape == (1, 7)
-    assert feats.shape == (1, 512, 28, 28)  # TASN.md: 224 -> 28 x 28, 512 channels
+    assert feats.shape == (1, 512, 28, 28)  # docs/method.md: 224 -> 28 x 28, 512 channels
     assert (feats >= 0).all()  # a sum of ReLUs: non-negative
 
 

@@ -28,11 +28,19 @@ def test_repository_params_and_every_profile_load():
     base = load_config(ROOT_PARAMS)
     assert base.model.kind == "tasn"
     cub = load_config(ROOT_PARAMS, "cub")
-    # the authors' CUB recipe (TASN.md)
+    # the authors' CUB recipe (docs/method.md)
     assert (cub.model.input_size, cub.model.att_size, cub.model.out_size) == (512, 224, 224)
     assert (cub.train.lr, cub.train.epochs, cub.train.milestones) == (0.1, 300, [100, 200])
     assert cub.model.backbone == "resnet50" and cub.model.dense == 4.0 and cub.model.iters == 5
     assert cub.loss.temperature == 10.0
+    for name in ("cub", "cub336"):  # the authors' recipe exactly, whatever the demo's top level says
+        c = load_config(ROOT_PARAMS, name)
+        t = c.train
+        assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.schedule, t.milestones, t.gamma) == (
+            "sgd", 0.1, 0.0, 0.0, "step", [100, 200], 0.1), name
+        augmentation = (t.jitter, t.rotation, t.lighting)
+        assert (t.warmup_epochs, t.label_smoothing, augmentation) == (0.0, 0.0, (0.4, 30.0, 0.1)), name
+        assert (c.model.zero_init_residual, c.loss.distill_teacher) == (False, "authors"), name
     for name in ("demo", "cub336", "smoke"):
         load_config(ROOT_PARAMS, name)
 
@@ -94,6 +102,15 @@ def test_a_missing_params_file_is_an_error(tmp_path):
         (["model.att_backbone=resnet50"], "model.att_backbone: 'resnet50' is not one of"),
         (["validate.test_fraction_min=0.7"], r"validate.test_fraction_min \(0.7\) is larger than test_fraction_max"),
         (["data.synth.min_side=800"], r"data.synth.min_side \(800\) is larger than max_side \(700\)"),
+        # the recipe knobs (issue 10)
+        (["train.optimizer=lamb"], "train.optimizer: 'lamb' is not one of sgd, adamw"),
+        (["train.schedule=linear"], "train.schedule: 'linear' is not one of step, cosine"),
+        (["loss.distill_teacher=none"], "loss.distill_teacher: 'none' is not one of authors, detached"),
+        (["train.warmup_epochs=99"], r"train.warmup_epochs \(99\) is more than epochs"),
+        (["train.warmup_epochs=-1"], "train.warmup_epochs: must be >= 0"),
+        (["train.label_smoothing=1.0"], "train.label_smoothing: must be >= 0 and < 1, got 1.0"),
+        (["train.lighting=-0.1"], "train.lighting: must be >= 0"),
+        (["model.zero_init_residual=2"], "model.zero_init_residual: expected true or false"),
     ],
 )
 def test_bad_values_are_named(overrides, match):

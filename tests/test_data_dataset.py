@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from tasn.data.dataset import PreparedDataset
 from tasn.data.preprocess import MANIFEST, SHARDS, preprocess
-from tasn.data.transforms import MEAN, STD, denormalize, eval_transform, train_transform
+from tasn.data.transforms import EIGVAL, EIGVEC, MEAN, STD, Lighting, denormalize, eval_transform, train_transform
 from tasn.errors import DataError
 from test_data_support import TINY, TINY_PREP, tiny_synth
 
@@ -83,7 +83,7 @@ def test_train_transform_crops_pads_and_is_seeded():
     assert a.shape == (3, 64, 64) and torch.equal(a, b)  # smaller than the crop: padded
     torch.manual_seed(1)
     assert not torch.equal(a, t(img))
-    plain = train_transform(40, jitter=0.0, rotation=0.0)
+    plain = train_transform(40, jitter=0.0, rotation=0.0, lighting=0.0)
     flips = set()
     for seed in range(12):
         torch.manual_seed(seed)
@@ -92,6 +92,29 @@ def test_train_transform_crops_pads_and_is_seeded():
                  for r in range(11) for c in range(31)]
         match = [i for i, c in enumerate(crops) if torch.allclose(out, c, atol=1e-5)]
         mirrored = [i for i, c in enumerate(crops) if torch.allclose(out, c.flip(-1), atol=1e-5)]
-        assert match or mirrored  # without jitter/rotation: exactly a (possibly flipped) crop
+        assert match or mirrored  # without jitter, rotation, lighting: exactly a (possibly flipped) crop
         flips.add(bool(mirrored))
     assert flips == {True, False}
+
+
+def test_lighting_noise_is_the_pca_shift_of_alexnet_and_mxnet():
+    img = torch.rand(3, 5, 7)
+    torch.manual_seed(3)
+    out = Lighting(0.1)(img)
+    torch.manual_seed(3)
+    alpha = (torch.randn(3) * 0.1).tolist()
+    shift = [sum(EIGVEC[c][j] * alpha[j] * EIGVAL[j] for j in range(3)) for c in range(3)]  # by hand
+    for c in range(3):
+        assert torch.allclose(out[c] - img[c], torch.full((5, 7), shift[c]), atol=1e-6)
+
+
+def test_rotation_fills_the_corners_white_as_mxnet_does():
+    grey = Image.fromarray(np.full((80, 80, 3), 100, np.uint8))
+    t = train_transform(80, jitter=0.0, rotation=30.0, lighting=0.0)
+    white_corners = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = denormalize(t(grey))
+        assert out.min() > 100 / 255 - 0.02  # nothing darker than the image: no black fill
+        white_corners += bool(out[:, 0, 0].min() > 0.98)
+    assert white_corners >= 4  # most angles in [-30, 30] move the corner out of the image

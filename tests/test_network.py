@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock
 
 from tasn.config import ModelConfig
 from tasn.model import TASN, Baseline, TASNLoss, build_model
@@ -42,7 +43,7 @@ def test_structure_and_detail_images_follow_the_definition(batch):
     x = batch[0]
     with torch.no_grad():
         _, extras = model(x, return_extras=True)
-        _, feats = model.attention_net(F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False))
+        _, feats = model.attention_net(F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=True))
         maps = trilinear_attention(feats)
     summed = maps.sum(1)
     torch.testing.assert_close(extras.structure_map, summed)
@@ -118,3 +119,38 @@ def test_local_pretrained_weights_load_and_bad_paths_fail(tmp_path):
         build_resnet("resnet18", str(tmp_path / "w.pth"))
     with pytest.raises(ValueError, match="no ImageNet weights"):
         build_resnet("resnet18-slim", "imagenet")
+
+
+def test_attention_net_sees_an_align_corners_resize_as_mxnets_bilinearresize2d(batch):
+    model = small_tasn().eval()
+    seen = []
+    model.attention_net.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(batch[0])
+    want = F.interpolate(batch[0], size=(64, 64), mode="bilinear", align_corners=True)
+    assert torch.equal(seen[0], want)
+    assert not torch.allclose(seen[0], F.interpolate(batch[0], size=(64, 64), mode="bilinear", align_corners=False))
+
+
+def test_new_layers_get_the_authors_init():
+    """Head convs MSRA-PReLU (std sqrt(2 / (1 + 0.25^2) / mean fan)), classifiers He-normal
+    (std sqrt(2 / fan_in)), biases zero: their MXNet initializers, measured on wide layers."""
+    torch.manual_seed(0)
+    model = TASN(100, backbone="resnet18-slim", att_backbone="resnet18-slim", att_head_channels=256,
+                 att_size=32, out_size=32)
+    conv = model.attention_net.head.conv_a  # 128 -> 256, 3x3
+    fan_in, fan_out = 128 * 9, 256 * 9
+    assert conv.weight.std().item() == pytest.approx((2 / (1 + 0.25**2) / ((fan_in + fan_out) / 2)) ** 0.5, rel=0.03)
+    for fc in (model.attention_net.fc, model.fc, model.fc_part, model.fc_master):
+        assert fc.weight.std().item() == pytest.approx((2 / fc.in_features) ** 0.5, rel=0.05)
+        assert not fc.bias.any()
+    assert not conv.bias.any() and not model.attention_net.head.conv_b.bias.any()
+
+
+@pytest.mark.parametrize("arch", ["resnet18-slim", "resnet18"])
+def test_zero_init_residual_starts_every_block_as_the_identity(arch):
+    blocks = [m for m in build_resnet(arch, zero_init_residual=True).modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 8 and all(not b.bn2.weight.any() for b in blocks)
+    plain = build_resnet(arch)
+    assert all(m.bn2.weight.eq(1).all() for m in plain.modules() if hasattr(m, "bn2"))
+    cfg = ModelConfig(kind="baseline", backbone=arch, zero_init_residual=True)
+    assert not build_model(cfg, 3).backbone.net.layer1[0].bn2.weight.any()  # reaches build_model

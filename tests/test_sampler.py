@@ -1,4 +1,4 @@
-"""The vectorised sampler against a slow loop written straight from TASN.md, and its invariants."""
+"""The vectorised sampler against a slow loop written straight from docs/method.md, and its invariants."""
 
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def test_magnification_is_bounded_on_peaked_maps(dense):
 
     The cap is `dense` x the plain share at t = 0; the spread then returns the clipped mass
     uniformly, which adds at most one more plain share (out / S) to each pixel. So the bound that
-    the definition guarantees is dense + 1 (TASN.md's "up to dense times" counts the cap alone).
+    the definition guarantees is dense + 1 (docs/method.md's "up to dense times" counts the cap alone).
     We also check the peak really is magnified well beyond a plain resize.
     """
     size, out = 256, 64

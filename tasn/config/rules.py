@@ -23,19 +23,20 @@ from tasn.errors import ConfigError
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a number field: `ge`/`gt` below (at least / greater than), `le` above."""
+    """Bounds of a number field: `ge`/`gt` below (at least / greater than), `le`/`lt` above."""
 
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    lt: float | None = None
 
     def describe(self) -> str:
-        parts = [(">=", self.ge), (">", self.gt), ("<=", self.le)]
+        parts = [(">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)]
         return " and ".join(f"{op} {_number(bound)}" for op, bound in parts if bound is not None)
 
     def holds(self, value: float) -> bool:
         return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-                and (self.le is None or value <= self.le))
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
 
 
 def _number(x: float) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from tasn.choices import AttentionBackbone, Backbone, BatchNormMode, ModelKind
+from tasn.choices import AttentionBackbone, Backbone, BatchNormMode, DistillTeacher, ModelKind, Optimizer, Schedule
 from tasn.config.rules import Range
 
 MAX_SIDE = 8192  # largest image side any knob may ask for: 16x the authors' 512, 200 MB decoded
@@ -101,6 +101,7 @@ class ModelConfig:
     iters: Annotated[int, Range(ge=1, le=100)] = 5
     pretrained: str = "none"  # none | imagenet | local path / s3:// URI of a state dict
     att_pretrained: str = "none"
+    zero_init_residual: bool = False  # last BN of each residual block starts at 0 (random init only)
 
 
 @dataclass
@@ -112,17 +113,23 @@ class LossConfig:
     w_part_aux: LossWeight = 0.5
     w_master_aux: LossWeight = 0.5
     w_distill: LossWeight = 1.0
+    # authors: the gradient reaches the part head through its soft targets (their code); detached: constants
+    distill_teacher: DistillTeacher = "authors"
 
 
 @dataclass
 class TrainConfig:
     epochs: Annotated[int, Range(ge=0, le=100_000)] = 10
     batch_size: Annotated[int, Range(ge=1, le=65_536)] = 16  # per process; the authors ran 8 x 12 = 96
+    optimizer: Optimizer = "sgd"
     lr: Annotated[float, Range(gt=0, le=100)] = 0.05
-    momentum: Annotated[float, Range(ge=0, le=1)] = 0.9
+    momentum: Annotated[float, Range(ge=0, le=1)] = 0.9  # sgd only
     weight_decay: Annotated[float, Range(ge=0, le=1)] = 0.0001
+    schedule: Schedule = "step"  # step: x gamma at each milestone epoch; cosine: to 0 at the last step
     milestones: list[Annotated[int, Range(ge=0, le=100_000)]] = field(default_factory=lambda: [7])  # epochs
     gamma: Annotated[float, Range(gt=0, le=1)] = 0.1
+    warmup_epochs: Annotated[float, Range(ge=0, le=100_000)] = 0.0  # linear warm-up, per optimizer step
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0  # of every cross-entropy term
     accum_steps: Annotated[int, Range(ge=1, le=1024)] = 1
     workers: Workers = 1
     seed: Seed = 0
@@ -139,7 +146,12 @@ class TrainConfig:
     log_every: Annotated[int, Range(ge=1, le=10**9)] = 5  # optimizer steps
     picture_images: Annotated[int, Range(ge=0, le=64)] = 4  # fixed validation images drawn each epoch
     jitter: Annotated[float, Range(ge=0, le=1)] = 0.4
-    rotation: Annotated[float, Range(ge=0, le=180)] = 30.0  # degrees
+    rotation: Annotated[float, Range(ge=0, le=180)] = 30.0  # degrees, of the whole image before the crop
+    lighting: Annotated[float, Range(ge=0, le=10)] = 0.0  # PCA lighting noise (the authors': 0.1)
+
+    def relations(self) -> Iterator[str]:
+        if self.warmup_epochs > self.epochs:
+            yield f"warmup_epochs ({self.warmup_epochs:g}) is more than epochs ({self.epochs})"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""TASN's attention net and trilinear attention (TASN.md, forward pass steps 1-2)."""
+"""TASN's attention net and trilinear attention (docs/method.md, forward pass steps 1-2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tasn.model.backbones import build_resnet, xavier_init
+from tasn.model.backbones import authors_init, build_resnet
 
 # The authors' constant: the spatial softmax in N(X) is taken over 7 * X.
 SPATIAL_SCALE = 7.0
@@ -55,9 +55,10 @@ class AttentionNet(nn.Module):
     """ResNet trunk at output stride 8 (stages 2 and 4 at stride 1: 224 -> 28x28), the
     multi-dilation head, and a classifier (BN, ReLU, global average pool, FC) on its features."""
 
-    def __init__(self, num_classes: int, arch: str = "resnet18", head_channels: int = 512, pretrained: str = "none"):
+    def __init__(self, num_classes: int, arch: str = "resnet18", head_channels: int = 512, pretrained: str = "none",
+                 zero_init_residual: bool = False):
         super().__init__()
-        trunk = build_resnet(arch, pretrained)
+        trunk = build_resnet(arch, pretrained, zero_init_residual)
         for stage in (trunk.layer2, trunk.layer4):
             block = stage[0]
             block.conv1.stride = (1, 1)
@@ -69,7 +70,7 @@ class AttentionNet(nn.Module):
         self.head = MultiDilationHead(trunk.fc.in_features, head_channels)
         self.bn = nn.BatchNorm2d(head_channels)
         self.fc = nn.Linear(head_channels, num_classes)
-        xavier_init(self.head, self.fc)
+        authors_init(self.head, self.fc)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits, features X)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ class SlimResNet(torchvision.models.ResNet):
 
     widths = (16, 32, 64, 128)
 
-    def __init__(self, layers=(2, 2, 2, 2)):
+    def __init__(self, layers=(2, 2, 2, 2), zero_init_residual: bool = False):
         nn.Module.__init__(self)
         w = self.widths
         self._norm_layer = nn.BatchNorm2d
@@ -67,14 +68,26 @@ class SlimResNet(torchvision.models.ResNet):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:  # as torchvision's ResNet does it
+            for m in self.modules():
+                if isinstance(m, torchvision.models.resnet.BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
 
-def build_resnet(arch: str, pretrained: str = "none") -> torchvision.models.ResNet:
+def build_resnet(arch: str, pretrained: str = "none", zero_init_residual: bool = False) -> torchvision.models.ResNet:
     """A torchvision ResNet; `pretrained`: "none", "imagenet" (torchvision's weights API, which
-    downloads to the torch hub cache on first use) or a path / s3:// URI of a state dict."""
+    downloads to the torch hub cache on first use) or a path / s3:// URI of a state dict.
+
+    `zero_init_residual` starts the last BatchNorm of every residual block at zero, so each block
+    begins as the identity and a deep net from random weights trains like a shallow one at first
+    (Goyal et al. 2017); loaded weights replace it.
+    """
     if arch not in BACKBONES:
         raise ValueError(f"backbone {arch!r} is not one of {', '.join(BACKBONES)}")
-    model = SlimResNet() if arch == "resnet18-slim" else getattr(torchvision.models, arch)(weights=None)
+    if arch == "resnet18-slim":
+        model = SlimResNet(zero_init_residual=zero_init_residual)
+    else:
+        model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     if pretrained in ("", "none", None):
         return model
     if pretrained == "imagenet":
@@ -99,11 +112,23 @@ def build_resnet(arch: str, pretrained: str = "none") -> torchvision.models.ResN
     return model
 
 
-def xavier_init(*modules: nn.Module) -> None:
-    """The authors' init for new layers: Xavier weights, zero biases."""
+# MXNet's MSRAPrelu initializer: Xavier-gaussian over the average fan with magnitude 2 / (1 + a^2),
+# a = 0.25 (the PReLU slope it is named for).
+MSRA_PRELU_GAIN = math.sqrt(2.0 / (1.0 + 0.25**2))
+
+
+def authors_init(*modules: nn.Module) -> None:
+    """The authors' init for TASN's new layers, as their MXNet code does it: every conv (the
+    attention head's) MSRA-PReLU, i.e. normal with std sqrt(2 / (1 + 0.25^2) / ((fan_in + fan_out) / 2));
+    every linear layer (the classifiers) He-normal, std sqrt(2 / fan_in) (their global initializer,
+    Xavier gaussian over fan_in with magnitude 2); biases zero."""
     for module in modules:
         for m in module.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_normal_(m.weight, gain=MSRA_PRELU_GAIN)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            else:
+                continue
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

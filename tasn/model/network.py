@@ -1,4 +1,4 @@
-"""The TASN network (TASN.md, forward pass steps 1-5, 7) and the plain baseline beside it."""
+"""The TASN network (docs/method.md, forward pass steps 1-5, 7) and the plain baseline beside it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tasn.model.attention import AttentionNet, trilinear_attention
-from tasn.model.backbones import build_resnet, xavier_init
+from tasn.model.backbones import authors_init, build_resnet
 from tasn.model.sampler import attention_sample
 
 if TYPE_CHECKING:  # the config is not needed to use the model, only to type build_model
@@ -42,9 +42,9 @@ class BaselineOutput(NamedTuple):
 class SharedBackbone(nn.Module):
     """One ResNet, classifier removed: pooled features for part and master alike."""
 
-    def __init__(self, arch: str, pretrained: str):
+    def __init__(self, arch: str, pretrained: str, zero_init_residual: bool = False):
         super().__init__()
-        net = build_resnet(arch, pretrained)
+        net = build_resnet(arch, pretrained, zero_init_residual)
         self.features = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
@@ -71,21 +71,24 @@ class TASN(nn.Module):
         iters: int = 5,
         pretrained: str = "none",
         att_pretrained: str = "none",
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.att_size, self.out_size, self.dense, self.iters = att_size, out_size, dense, iters
-        self.attention_net = AttentionNet(num_classes, att_backbone, att_head_channels, att_pretrained)
-        self.backbone = SharedBackbone(backbone, pretrained)
+        self.attention_net = AttentionNet(num_classes, att_backbone, att_head_channels, att_pretrained,
+                                          zero_init_residual)
+        self.backbone = SharedBackbone(backbone, pretrained, zero_init_residual)
         f = self.backbone.features
         self.fc_part = nn.Linear(f, num_classes)
         self.fc_master = nn.Linear(f, num_classes)
         self.fc = nn.Linear(f, num_classes)
-        xavier_init(self.fc_part, self.fc_master, self.fc)
+        authors_init(self.fc_part, self.fc_master, self.fc)
 
     def attention_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention logits and the c trilinear attention maps (detached: no sampling gradient)."""
-        small = F.interpolate(x, size=(self.att_size, self.att_size), mode="bilinear", align_corners=False)
+        # align corners, as the authors' MXNet BilinearResize2D (and TASN's sampler) do
+        small = F.interpolate(x, size=(self.att_size, self.att_size), mode="bilinear", align_corners=True)
         logits, feats = self.attention_net(small)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             maps = trilinear_attention(feats.detach().float())  # fp32 even under autocast
@@ -133,13 +136,14 @@ class Baseline(nn.Module):
     heads = BaselineOutput._fields
     primary_head = "logits"
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", out_size: int = 224, pretrained: str = "none"):
+    def __init__(self, num_classes: int, backbone: str = "resnet50", out_size: int = 224, pretrained: str = "none",
+                 zero_init_residual: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.out_size = out_size
-        self.backbone = SharedBackbone(backbone, pretrained)
+        self.backbone = SharedBackbone(backbone, pretrained, zero_init_residual)
         self.fc = nn.Linear(self.backbone.features, num_classes)
-        xavier_init(self.fc)
+        authors_init(self.fc)
 
     def forward(self, x: torch.Tensor, return_extras: bool = False):
         small = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=True)
@@ -156,7 +160,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> Network:
     if not classes or classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {classes}")
     if cfg.kind == "baseline":
-        return Baseline(classes, cfg.backbone, cfg.out_size, cfg.pretrained)
+        return Baseline(classes, cfg.backbone, cfg.out_size, cfg.pretrained, cfg.zero_init_residual)
     if cfg.kind != "tasn":
         raise ValueError(f"model.kind must be tasn or baseline, got {cfg.kind!r}")
     return TASN(
@@ -170,4 +174,5 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> Network:
         iters=cfg.iters,
         pretrained=cfg.pretrained,
         att_pretrained=cfg.att_pretrained,
+        zero_init_residual=cfg.zero_init_residual,
     )

@@ -1,6 +1,6 @@
 """The attention sampler: non-uniform resampling that magnifies attended rows and columns.
 
-This is the vectorised PyTorch reference of "The sampler, exactly" in TASN.md, and the CPU path.
+This is the vectorised PyTorch reference of "The sampler, exactly" in docs/method.md, and the CPU path.
 For CUDA tensors `attention_sample` dispatches to the fused kernel in `tasn.ops` when it is
 available (same definition, one launch for the whole batch); set `TASN_SAMPLER=reference` or pass
 `impl="reference"` to force this code for comparison.

@@ -1,7 +1,7 @@
 """The fused attention sampler as torch custom ops (`torch.ops.tasn.*`), built on first use.
 
 `torch.ops.tasn.attention_sample(images, attention, out_size, dense, iters, power)` is the whole
-sampler of TASN.md "The sampler, exactly" in two CUDA launches for the whole batch; it is what
+sampler of docs/method.md "The sampler, exactly" in two CUDA launches for the whole batch; it is what
 `tasn.model.sampler.attention_sample` calls for CUDA tensors. It is composed of
 `tasn::sampler_coordinates` (attention -> 1-D coordinates, (2, n, out)) and `tasn::bilinear_gather`
 (images, coordinates -> output; gradient to the images), each with a fake implementation for

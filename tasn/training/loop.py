@@ -170,6 +170,7 @@ class Loop:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule is per optimizer step (tasn.training.optim)
         self.pos.step += 1
 
     def _log_step(self, window: MetricLogger, bar: tqdm) -> None:
@@ -208,7 +209,7 @@ class Loop:
     def end_epoch(self, train_loss: float, test_loader: DataLoader, epoch_batches: int,
                   pictures: tuple[torch.Tensor, list[int]] | None, out_dir: Path) -> dict[str, float]:
         """After an epoch (or the part of one before `max_steps`): evaluate, record and log the
-        numbers, draw the attention pictures, step the schedule if the epoch is whole, checkpoint.
+        numbers, draw the attention pictures, move to the next epoch if this one is whole, checkpoint.
         Returns the test metrics."""
         metrics = self.evaluate(test_loader)
         epoch = self.pos.epoch + 1
@@ -223,7 +224,6 @@ class Loop:
         if self.ctx.is_main:
             self.draw(pictures, out_dir)
         if self.pos.batch >= epoch_batches:  # a whole epoch: the next one starts
-            self.scheduler.step()
             self.pos = Position(self.pos.epoch + 1, self.pos.step, 0)
         self.save()
         return metrics

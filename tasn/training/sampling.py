@@ -160,7 +160,7 @@ class TrainData:
 def load_data(cfg: Config, data_dir: Path, ctx: Context) -> TrainData:
     """The train split with augmentation, the test split with the eval crop, sharded for `ctx`."""
     t, m = cfg.train, cfg.model
-    train_set = PreparedDataset(data_dir, "train", train_transform(m.input_size, t.jitter, t.rotation))
+    train_set = PreparedDataset(data_dir, "train", train_transform(m.input_size, t.jitter, t.rotation, t.lighting))
     test_set = PreparedDataset(data_dir, "test", eval_transform(m.input_size))
     if len(train_set) == 0 or len(test_set) == 0:
         raise DataError(f"{data_dir}: the train and test splits must both be non-empty "

@@ -63,8 +63,8 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
     model = place(build_model(cfg.model, len(data.classes)), t, ctx)  # identical on every rank: same seed
     seed_everything(t.seed + 1000 * ctx.rank)  # ranks draw independent random numbers from here
     optimizer = build_optimizer(model.parameters(), t)
-    scheduler = build_scheduler(optimizer, t)
-    loss_fn = build_loss(cfg.model, cfg.loss).to(ctx.device)
+    scheduler = build_scheduler(optimizer, t, steps_per_epoch=math.ceil(data.batches_per_epoch / t.accum_steps))
+    loss_fn = build_loss(cfg.model, cfg.loss, t.label_smoothing).to(ctx.device)
     data_version = lineage.recorded_data_version(data_dir / SUMMARY)
     loop = Loop(cfg, ctx, model, loss_fn, optimizer, scheduler, data.classes,
                 ckpt_dir=t.checkpoint_dir or str(out_dir / CHECKPOINTS),
