@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Servers the integration tests start on 127.0.0.1: Ceph RGW (S3) and PostgreSQL (MLflow's store in
-# the cluster). Installed from Debian when absent.
+# From Debian when absent: servers the integration tests start on 127.0.0.1, Ceph RGW (S3) and
+# PostgreSQL (MLflow's store in the cluster); and Fashion-MNIST, the source a test re-renders the
+# embedded default from (`make run` needs none of them: the dataset is in the DVC remote).
 system-deps:
 	@if ! command -v radosgw >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -40,6 +41,13 @@ system-deps:
 	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      postgresql >/dev/null; \
 	  else echo "PostgreSQL missing and not root: the MLflow authentication tests will be skipped"; fi; \
+	fi
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing dataset-fashion-mnist (the embedded default's source) for the data tests"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      dataset-fashion-mnist >/dev/null; \
+	  else echo "Fashion-MNIST missing and not root: the re-rendering test will be skipped"; fi; \
 	fi
 
 run: install

@@ -97,7 +97,7 @@ def run_local(data: str | os.PathLike[str], params: str | os.PathLike[str] | Non
     if not (data / "images.txt").is_file():
         raise TASNError(
             f"{data} is not a CUB-layout dataset (no images.txt): run `dvc pull` for the embedded "
-            f"sample, or `tasn data synth {data}`"
+            f"dataset, or `tasn data fashion {data}`"
         )
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)

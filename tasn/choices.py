@@ -20,6 +20,9 @@ AttentionBackbone = Literal["resnet18", "resnet34", "resnet18-slim"]
 BatchNormMode = Literal["local", "sync", "frozen"]
 # The attention sampler: the fused CUDA op when available, the PyTorch reference, or the op (required).
 SamplerImpl = Literal["auto", "reference", "fused"]
+# Fashion-MNIST's labels 0-9 in its order, as directory-safe names (`tasn data fashion`'s classes).
+FashionLabel = Literal["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle_boot"]
 # The optimizer: the authors' plain SGD (momentum optional), or AdamW.
 Optimizer = Literal["sgd", "adamw"]
 # The learning-rate schedule after the warm-up: x gamma at each milestone epoch, or cosine to 0.
@@ -32,6 +35,7 @@ BACKBONES: tuple[str, ...] = get_args(Backbone)
 ATTENTION_BACKBONES: tuple[str, ...] = get_args(AttentionBackbone)
 BATCHNORM_MODES: tuple[str, ...] = get_args(BatchNormMode)
 SAMPLER_IMPLS: tuple[str, ...] = get_args(SamplerImpl)
+FASHION_LABELS: tuple[str, ...] = get_args(FashionLabel)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 DISTILL_TEACHERS: tuple[str, ...] = get_args(DistillTeacher)

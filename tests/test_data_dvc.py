@@ -1,9 +1,11 @@
-"""DVC: the embedded sample arrives through DVC on a fresh clone, and round-trips through S3 (Ceph RGW)."""
+"""DVC: the embedded default arrives through DVC on a fresh clone (and reads without DVC), and
+round-trips through S3 (Ceph RGW)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +17,9 @@ import yaml
 from PIL import Image
 
 from tasn.config import load_config
-from tasn.data import synth
+from tasn.data import fashion
+from tasn.data.dvc_remote import listing as dvc_listing
+from tasn.data.dvc_remote import materialize
 from tasn.data.layout import check_layout, read_layout
 from test_data_support import tiny_synth
 
@@ -46,27 +50,44 @@ def _clone(dest: Path) -> Path:
     return dest
 
 
-def test_fresh_clone_pulls_the_embedded_sample_from_the_in_repo_remote(tmp_path):
+def test_fresh_clone_pulls_the_embedded_default_from_the_in_repo_remote(tmp_path):
     clone = _clone(tmp_path / "clone")
     dvc(clone, "pull", "-q")
     assert "up to date" in dvc(clone, "status", "data.dvc")
     raw = clone / "data" / "raw"
     layout = read_layout(raw)
     check_layout(layout)
-    cfg = load_config(REPO / "params.yaml").data.synth
-    assert len(layout.images) == cfg.classes * (cfg.train_per_class + cfg.test_per_class)
-    assert len(layout.classes) == cfg.classes
+    cfg = load_config(REPO / "params.yaml").data.fashion
+    assert len(layout.images) == len(cfg.classes) * (cfg.train_per_class + cfg.test_per_class)
+    assert layout.class_names() == [f"{k + 1:03d}.{c}" for k, c in enumerate(cfg.classes)]
+    assert (raw / fashion.LICENSE_FILE).read_text() == fashion.LICENSE
     out = yaml.safe_load((clone / "data.dvc").read_text())["outs"][0]
     assert out["path"] == "data/raw" and out["nfiles"] == sum(p.is_file() for p in raw.rglob("*"))
-    # The sample is exactly `tasn data synth` with params.yaml's data.synth: re-render two images.
-    per_class = cfg.train_per_class + cfg.test_per_class
-    table = synth.class_table(cfg.classes)
-    for index in (0, per_class * (cfg.classes - 1) + per_class - 1):
-        label = index // per_class
-        arr, _ = synth.render(cfg.seed, index, table[label], cfg.min_side, cfg.max_side)
+    # Read without DVC (what the details benchmark does on a GPU host): the same files, byte for byte.
+    assert _digest(materialize(clone / "data.dvc", clone / "dvc-storage", tmp_path / "direct")) == _digest(raw)
+
+
+def test_the_embedded_default_is_exactly_tasn_data_fashion_of_params_yaml():
+    """Re-render canvases from the garments `fashion.json` records, with Debian's Fashion-MNIST
+    (installed by `make test`'s system-deps) and params.yaml's data.fashion."""
+    cfg = load_config(REPO / "params.yaml").data.fashion
+    if not Path(cfg.source).is_dir():
+        pytest.skip(f"{cfg.source} missing: apt-get install dataset-fashion-mnist (make system-deps)")
+    direct = REPO / "dvc-storage"
+    listing = {e["relpath"]: e["md5"] for e in dvc_listing(REPO / "data.dvc", direct)}
+
+    def stored(rel: str) -> bytes:
+        md5 = listing[rel]
+        return (direct / "files" / "md5" / md5[:2] / md5[2:]).read_bytes()
+
+    origin = json.loads(stored("fashion.json"))["images_origin"]
+    splits = {s: fashion.load_split(Path(cfg.source), s)[0] for s in ("train", "test")}
+    for index in (0, len(origin) - 1):
+        split, i = origin[index]["fashion_mnist"].rstrip("]").split("[")
+        arr, _ = fashion.render(cfg.seed, index, splits[split][int(i)], cfg.side, cfg.item_min, cfg.item_max)
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=cfg.jpeg_quality)
-        assert (raw / "images" / layout.images["path"].iloc[index]).read_bytes() == buf.getvalue()
+        assert stored("images/" + origin[index]["path"]) == buf.getvalue()
 
 
 @pytest.mark.integration

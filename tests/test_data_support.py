@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 from pathlib import Path
 
@@ -87,3 +88,26 @@ def test_read_layout_rejects_unparseable_lines(tmp_path):
     (root / "image_class_labels.txt").write_text("1 1\n2 two\n")
     with pytest.raises(DataError, match=r"image_class_labels.txt:2: expected '<id> <int>', got '2 two'"):
         read_layout(root)
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    """`arr` (uint8) in the idx format of Fashion-MNIST's files, gzipped."""
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return gzip.compress(header + arr.astype(np.uint8).tobytes())
+
+
+def fake_fashion_source(root: Path, per_label: tuple[int, int] = (4, 2), seed: int = 0) -> Path:
+    """Fashion-MNIST's four files with made-up garments: label k is a bright blob with k + 1 dark
+    bars across it, so every label differs in fine detail only. `per_label`: (train, test)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", per_label[0]), ("t10k", per_label[1])):
+        labels = np.repeat(np.arange(10), count)
+        images = np.zeros((len(labels), 28, 28), np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 4:24, 6:22] = rng.integers(150, 256)
+            for b in range(k + 1):
+                images[i, 5 + 2 * b, 7:21] = 40
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(idx_bytes(images))
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(idx_bytes(labels))
+    return root

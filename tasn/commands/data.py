@@ -1,4 +1,4 @@
-"""Data commands: `tasn data synth|import-cub|import-folder`, `tasn validate`, `tasn preprocess`.
+"""Data commands: `tasn data fashion|synth|import-cub|import-folder`, `tasn validate`, `tasn preprocess`.
 
 Each prints its stage's summary as JSON on stdout. Handlers import their stage module when run
 (see tasn.commands).
@@ -7,17 +7,22 @@ Each prints its stage's summary as JSON on stdout. Handlers import their stage m
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from tasn.commands.common import Subparsers, config_from_args, print_json
 from tasn.config.schema import DEFAULT_MAX_PIXELS
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from tasn.data.synth import generate
+def _generator(name: str):
+    """Handler of `tasn data <name>`: `tasn.data.<name>.generate` with params `data.<name>`."""
 
-    cfg = config_from_args(args)
-    print_json(generate(args.dest, cfg.data.synth, workers=args.workers, contact_sheet=args.contact_sheet))
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        generate = importlib.import_module(f"tasn.data.{name}").generate
+        cfg = config_from_args(args)
+        print_json(generate(args.dest, getattr(cfg.data, name), workers=args.workers, contact_sheet=args.contact_sheet))
+        return 0
+
+    return run
 
 
 def _import_cub(args: argparse.Namespace) -> int:
@@ -60,12 +65,13 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images of more pixels than this (default: %(default)s, as validate.max_pixels)")
 
-    p = data_sub.add_parser("synth", parents=[common, workers],
-                            help="generate the embedded synthetic fine-grained sample (params: data.synth)")
-    p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically), e.g. data/raw")
-    p.add_argument("--contact-sheet", default=None, metavar="PNG",
-                   help="where to save the contact sheet (default: DEST/contact_sheet.png)")
-    p.set_defaults(func=_synth)
+    for name, what in (("fashion", "the embedded default: Fashion-MNIST garments placed small in cluttered canvases"),
+                       ("synth", "synthetic birds whose class is the texture of small parts")):
+        p = data_sub.add_parser(name, parents=[common, workers], help=f"generate {what} (params: data.{name})")
+        p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically), e.g. data/raw")
+        p.add_argument("--contact-sheet", default=None, metavar="PNG",
+                       help="where to save the contact sheet (default: DEST/contact_sheet.png)")
+        p.set_defaults(func=_generator(name))
 
     p = data_sub.add_parser("import-cub", parents=[workers, limits],
                             help="import a CUB-200-2011 download (bounding boxes and parts are ignored)")

@@ -13,9 +13,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
-from tasn.choices import AttentionBackbone, Backbone, BatchNormMode, DistillTeacher, ModelKind, Optimizer, Schedule
+from tasn.choices import (
+    AttentionBackbone,
+    Backbone,
+    BatchNormMode,
+    DistillTeacher,
+    FashionLabel,
+    ModelKind,
+    Optimizer,
+    Schedule,
+)
 from tasn.config.rules import Range
 
 MAX_SIDE = 8192  # largest image side any knob may ask for: 16x the authors' 512, 200 MB decoded
@@ -50,11 +59,38 @@ class SynthConfig:
             yield f"min_side ({self.min_side}) is larger than max_side ({self.max_side})"
 
 
+FASHION_CROP_MARGIN = 12  # px kept clear at each canvas edge, so a random input_size crop keeps the card
+
+
+@dataclass
+class FashionConfig:
+    """The embedded default: Fashion-MNIST garments placed small in cluttered canvases (`tasn data fashion`)."""
+
+    source: str = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+    classes: list[FashionLabel] = field(default_factory=lambda: list(get_args(FashionLabel)))
+    train_per_class: Annotated[int, Range(ge=1, le=6000)] = 240  # Fashion-MNIST has 6,000 per label
+    test_per_class: Annotated[int, Range(ge=1, le=1000)] = 60  # and 1,000 in its test file
+    side: Annotated[int, Range(ge=64, le=MAX_SIDE)] = 192  # canvases are side x side px
+    item_min: Annotated[int, Range(ge=8, le=1024)] = 28  # garment size in px (Fashion-MNIST's own is 28)
+    item_max: Annotated[int, Range(ge=8, le=1024)] = 36
+    seed: Seed = 0
+    jpeg_quality: JpegQuality = 80
+
+    def relations(self) -> Iterator[str]:
+        if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
+            yield f"classes: need at least 2 distinct names, got {self.classes}"
+        if self.item_min > self.item_max:
+            yield f"item_min ({self.item_min}) is larger than item_max ({self.item_max})"
+        if self.side < 2 * (FASHION_CROP_MARGIN + 1.2 * self.item_max) + 2:
+            yield f"side: {self.side} px is too small for garments of {self.item_max} px on their cards"
+
+
 @dataclass
 class DataConfig:
     raw: str = "data/raw"
     validated: str = "data/validated"
     prepared: str = "data/prepared"
+    fashion: FashionConfig = field(default_factory=FashionConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from tasn.config import ConfigError, SynthConfig
-from tasn.data.contact_sheet import draw_contact_sheet
+from tasn.data.contact_sheet import Box, draw_contact_sheet
 from tasn.data.layout import write_layout
 from tasn.data.parallel import imap
 from tasn.io import atomic_dir, atomic_write_json
@@ -138,15 +138,6 @@ def _triangle(u, v, pts):
     return d
 
 
-@dataclass
-class Bird:
-    """Where the bird ended up, in image pixels (for the contact sheet's close-ups)."""
-
-    cx: float
-    cy: float
-    length: float
-
-
 def _colour(rng, lo: float, hi: float) -> np.ndarray:
     """A random RGB colour with HSV value in [lo, hi]."""
     h, s, v = rng.random(), rng.uniform(0.3, 1.0), rng.uniform(lo, hi)
@@ -199,8 +190,8 @@ def _background(rng, w: int, h: int, px: float) -> np.ndarray:
     return arr
 
 
-def render(seed: int, index: int, combo: dict[str, int], min_side: int, max_side: int) -> tuple[np.ndarray, Bird]:
-    """One image (H, W, 3 uint8) of a bird with the textures `combo`, and where the bird is.
+def render(seed: int, index: int, combo: dict[str, int], min_side: int, max_side: int) -> tuple[np.ndarray, Box]:
+    """One image (H, W, 3 uint8) of a bird with the textures `combo`, and the box around the bird.
 
     Everything except the textures is drawn from `default_rng([seed, index])`, so rendering the same
     (seed, index) with two different combos gives the same scene with different class cues.
@@ -267,7 +258,7 @@ def render(seed: int, index: int, combo: dict[str, int], min_side: int, max_side
             colour = colour[0] * (1 - t) + colour[1] * t
         region[box] = region[box] * (1 - mask) + colour * mask
     arr += rng.standard_normal(arr.shape, dtype=np.float32) * 2.0  # sensor-like noise
-    return np.clip(arr, 0, 255).astype(np.uint8), Bird(cx, cy, length)
+    return np.clip(arr, 0, 255).astype(np.uint8), Box(cx, cy, 0.62 * length)
 
 
 @dataclass
@@ -281,7 +272,7 @@ class _Job:
     path: str
 
 
-def _render_job(job: _Job) -> Bird:
+def _render_job(job: _Job) -> Box:
     arr, bird = render(job.seed, job.index, job.combo, job.min_side, job.max_side)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=job.quality)
@@ -319,8 +310,9 @@ def generate(dest: str | os.PathLike, cfg: SynthConfig, workers: int = 0,
         birds = list(imap(_render_job, jobs, workers, desc="synth"))
         write_layout(tmp, rows, dirs)
         sheet = Path(contact_sheet) if contact_sheet else tmp / "contact_sheet.png"
-
-        draw_contact_sheet(sheet, tmp / "images", rows, dirs, birds, per_row=4)
+        views = ((REF_SIDE, f"bird at {REF_SIDE} px (TASN input)"),
+                 (REF_SIDE // 2, f"bird at {REF_SIDE // 2} px (baseline)"))
+        draw_contact_sheet(sheet, tmp / "images", rows, dirs, birds, views, per_row=4)
         size = sum(f.stat().st_size for f in (tmp / "images").rglob("*.jpg"))
         summary = {
             "classes": cfg.classes,
