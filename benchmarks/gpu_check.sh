@@ -6,7 +6,7 @@
 #   4. any other test marked `gpu` (collection errors of modules needing the MLOps stack are tolerated)
 #   5. benchmarks/sampler.py  (table into $OUT/RESULTS.md, a copy of benchmarks/RESULTS.md)
 #   6. benchmarks/train_step.py  if present (args: $TRAIN_STEP_ARGS)
-#   7. benchmarks/details.py     if present (args: $DETAILS_ARGS)
+#   7. benchmarks/details.py     if present (args: $DETAILS_ARGS, default: --results $OUT/RESULTS.md)
 # Every step is timed; its log is $OUT/<step>.log, the summary $OUT/steps.txt. A failing step does not
 # stop the later ones; the script exits 1 if any step failed. Nothing is installed: `python` from PATH
 # runs the checkout through PYTHONPATH.
@@ -70,7 +70,9 @@ if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then failed=1; fi
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 step bench-sampler "$PYTHON" benchmarks/sampler.py --compiled --json "$OUT/sampler.json" --append "$OUT/RESULTS.md"
 
-# Hooks for the other benchmarks: run when present, with their own arguments.
+# Hooks for the other benchmarks: run when present, with their own arguments. details.py (3 models x
+# 3 seeds from random weights, the demo's settings) writes its table into the copy under $OUT.
+DETAILS_ARGS="${DETAILS_ARGS:---results $OUT/RESULTS.md}"
 for bench in train_step details; do
   if [ -f "benchmarks/$bench.py" ]; then
     var="$(echo "$bench" | tr '[:lower:]' '[:upper:]')_ARGS"

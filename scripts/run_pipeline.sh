@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
+# OpenMP threads that sleep rather than spin while they wait: on a CPU shared with other work, the
+# default spinning made a training step 6-17x slower (docs/training.md); on an idle one it costs little.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 command -v tasn >/dev/null || { echo "run_pipeline: no tasn command: run \`make install\` first" >&2; exit 1; }
 start=$SECONDS
 

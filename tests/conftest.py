@@ -12,6 +12,10 @@ pytest_plugins = ["fixtures.servers", "fixtures.postgres"]
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# OpenMP threads that sleep rather than spin while they wait (read when torch loads, so set before
+# any test imports it; subprocesses inherit it): on a CPU shared with other work the default
+# spinning made the short training test 5x slower (docs/training.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(autouse=True)

@@ -127,7 +127,7 @@ def test_an_explicit_unreadable_or_missing_checkpoint_is_an_error_naming_it(tmp_
 def test_the_fingerprint_covers_weights_inputs_and_ignores_how_the_run_is_steered():
     base = checkpoint.fingerprint(Config(), "abc.dir")
     assert base[checkpoint.DATA_VERSION] == "abc.dir"
-    for key, value in (("train.lr", 0.1), ("model.backbone", "resnet50"), ("loss.w_distill", 0.5),
+    for key, value in (("train.lr", 0.2), ("model.backbone", "resnet50"), ("loss.w_distill", 0.5),
                        ("preprocess.size", 320), ("train.epochs", 3)):
         cfg = Config()
         section, name = key.split(".")
@@ -150,7 +150,7 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_keys_unless_forced
     with pytest.raises(ConfigError) as err:
         checkpoint.check_fingerprint("ckpt-000000004.pt", {"fingerprint": theirs}, mine, force=False)
     text = str(err.value)
-    for needle in ("ckpt-000000004.pt", "train.lr (0.2 -> 0.05)", "model.att_size (64 -> 112)",
+    for needle in ("ckpt-000000004.pt", "train.lr (0.2 -> 0.1)", "model.att_size (64 -> 56)",
                    "data.version ('d2' -> 'd1')", "train.resume=never", "train.force_resume=true"):
         assert needle in text, needle
     assert "train.epochs" not in text
@@ -186,16 +186,16 @@ def test_a_rerun_into_the_same_out_with_another_config_is_refused(smoke_data, tm
     assert _train_cli(out, smoke_data) == 0
     model = (out / MODEL).read_bytes()
     capsys.readouterr()
-    assert _train_cli(out, smoke_data, "train.lr=0.1") == 1
+    assert _train_cli(out, smoke_data, "train.lr=0.2") == 1
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
-    assert "was written by a run of another config or data" in err and "train.lr (0.05 -> 0.1)" in err
+    assert "was written by a run of another config or data" in err and "train.lr (0.1 -> 0.2)" in err
     assert (out / MODEL).read_bytes() == model  # nothing already produced is touched
     assert _train_cli(out, smoke_data, "train.max_steps=3") == 0  # a steering key: resumes and goes on
     assert torch.load(out / MODEL, weights_only=True)["steps"] == 3
     with caplog.at_level(logging.WARNING, logger="tasn.training.stage"):
-        assert _train_cli(out, smoke_data, "train.lr=0.1", "train.force_resume=true") == 0
-    assert "train.force_resume: continuing" in caplog.text and "train.lr (0.05 -> 0.1)" in caplog.text
+        assert _train_cli(out, smoke_data, "train.lr=0.2", "train.force_resume=true") == 0
+    assert "train.force_resume: continuing" in caplog.text and "train.lr (0.1 -> 0.2)" in caplog.text
 
 
 KILLED_WRITE = textwrap.dedent('''

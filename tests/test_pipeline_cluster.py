@@ -166,9 +166,9 @@ def test_a_retried_train_task_resumes_from_its_s3_checkpoint_and_refuses_another
         done = json.loads((tmp_path / "attempt-2" / "model" / METRICS).read_text())
         assert (done["epochs"], done["steps"]) == (1, 12)  # the whole run, no step lost or repeated
 
-        third = pod("attempt-3", "train.lr=0.1", "model.att_size=48")  # another config, the same run's prefix
+        third = pod("attempt-3", "train.lr=0.2", "model.att_size=48")  # another config, the same run's prefix
         log = third.communicate(timeout=600)[0]
         assert third.returncode != 0
         stage_output = log[log.index("+ "):log.index("Traceback")]  # before the component's own raise
         assert "tasn train: error:" in stage_output and "was written by a run of another config or data" in log
-        assert "train.lr (0.05 -> 0.1)" in stage_output and "model.att_size (64 -> 48)" in stage_output
+        assert "train.lr (0.1 -> 0.2)" in stage_output and "model.att_size (64 -> 48)" in stage_output

@@ -125,7 +125,8 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(smo
     legitimately differs between 2 x 4 and 1 x 8 images (SyncBatchNorm fixes it, on CUDA only)."""
     common = ["--profile", "smoke", "-S", "model.kind=baseline", "-S", "train.batchnorm=frozen",
               "-S", "train.max_steps=3", "-S", "tracking.enabled=false", "-S", "train.picture_images=0",
-              "-S", "train.lr=0.01"]
+              "-S", "train.lr=0.01", "-S", "train.schedule=step", "-S", "train.warmup_epochs=0",  # a constant lr
+              "-S", "model.zero_init_residual=false"]  # every weight moves from the first step
     overrides = common[3::2]
     two = tmp_path / "two"
     proc = subprocess.Popen(
