@@ -10,6 +10,7 @@ Plain on purpose, in the shape of torchvision's references/classification. By ro
 - `loop`: `Loop`, one epoch of optimizer steps (gradient accumulation, DDP no-sync, logging and
   checkpoint cadence, `max_steps`) and the one `end_epoch` step; its state is the checkpoint.
 - `meter`: `MetricLogger`, the running means of the loss terms and the throughput.
+- `progress`: `EpochProgress`, a bar on a terminal, a few lines per epoch in a log.
 - `outputs`: the output file names and what rank 0 writes at the end.
 
 Checkpoints (tasn.checkpoint) every `checkpoint_every` optimizer steps and at each epoch end hold

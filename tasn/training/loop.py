@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from tasn import checkpoint, distributed, viz
 from tasn.config import Config
@@ -27,6 +25,7 @@ from tasn.tracking import Run
 from tasn.training.meter import MetricLogger
 from tasn.training.modes import autocast, precision, set_train_mode, unwrap, uses_channels_last
 from tasn.training.outputs import ATTENTION_ARTIFACTS, PICTURES, picture_name
+from tasn.training.progress import EpochProgress
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +130,9 @@ class Loop:
         t = self.cfg.train
         set_train_mode(self.model, t.batchnorm)
         window, epoch = MetricLogger(self.ctx.device), MetricLogger(self.ctx.device)
-        bar = tqdm(loader, total=total_batches, initial=self.pos.batch, desc=f"epoch {self.pos.epoch + 1}/{t.epochs}",
-                   disable=not self.ctx.is_main, file=sys.stderr, leave=False, dynamic_ncols=True)
-        for x, y in bar:
+        bar = EpochProgress(total_batches, self.pos.batch, f"epoch {self.pos.epoch + 1}/{t.epochs}",
+                            enabled=self.ctx.is_main)
+        for x, y in loader:
             self.pos.batch += 1
             boundary = self.pos.batch % t.accum_steps == 0 or self.pos.batch == total_batches
             loss, terms = self._forward_backward(self.to_device(x), y.to(self.ctx.device, non_blocking=True),
@@ -141,12 +140,14 @@ class Loop:
             images = x.shape[0] * self.ctx.world_size
             window.update(images, loss=loss, **{f"loss_{name}": term for name, term in terms.items()})
             epoch.update(images, loss=loss)
+            if boundary:
+                self._optimizer_step()
+                if self.pos.step % t.log_every == 0 or self.pos.batch == total_batches:
+                    self._log_step(window, bar)
+                    window.reset()
+            bar.update()  # after the step's numbers, so a progress line shows the latest
             if not boundary:
                 continue
-            self._optimizer_step()
-            if self.pos.step % t.log_every == 0 or self.pos.batch == total_batches:
-                self._log_step(window, bar)
-                window.reset()
             if self.stopped():
                 break
             if t.checkpoint_every and self.pos.step % t.checkpoint_every == 0 and self.pos.batch < total_batches:
@@ -173,12 +174,12 @@ class Loop:
         self.scheduler.step()  # the schedule is per optimizer step (tasn.training.optim)
         self.pos.step += 1
 
-    def _log_step(self, window: MetricLogger, bar: tqdm) -> None:
+    def _log_step(self, window: MetricLogger, bar: EpochProgress) -> None:
         means = window.means()
         row = {"step": self.pos.step, "epoch": self.pos.epoch + 1, "lr": self.lr(),
                "images_per_s": window.images_per_s(), **means}
         self.steps.append(row)
-        bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{row['lr']:.3g}")
+        bar.show(loss=f"{means['loss']:.3f}", lr=f"{row['lr']:.3g}")
         if self.run is not None:
             self.run.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=self.pos.step)
 
