@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`benchmarks/details.py`: {'the embedded set' if args.data is None else args.data}, "
         "params.yaml top level "
         f"(input {m.input_size}, att {m.att_size}, out {m.out_size}, {cfg.model.backbone}, {cfg.train.optimizer} "
-        f"lr {cfg.train.lr}, {cfg.train.schedule}), {epochs} epochs, seeds {' '.join(map(str, args.seeds))}"
+        f"lr {cfg.train.lr}, {cfg.train.schedule}), {epochs} epoch{'s' if epochs != 1 else ''}, "
+        f"seeds {' '.join(map(str, args.seeds))}"
         + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
         + f"; whole benchmark {minutes:.1f} min, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after.",
         "",

@@ -128,7 +128,7 @@ def collect_logits(net: Network, ds: PreparedDataset, batch_size: int, workers: 
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     heads: dict[str, list[torch.Tensor]] = {h: [] for h in net.heads}
     labels = []
-    for x, y in tqdm(loader, desc="evaluate", unit="batch", leave=False):
+    for x, y in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=None):  # quiet off a terminal
         out = net(x.to(device))
         for h in net.heads:
             heads[h].append(getattr(out, h).float().cpu())

@@ -26,7 +26,6 @@ carries the result in its DVC remote, and `make run` only pulls it.
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from tasn.choices import FASHION_LABELS
 from tasn.config import ConfigError, FashionConfig, check
 from tasn.config.schema import FASHION_CROP_MARGIN
 from tasn.data.contact_sheet import Box, draw_contact_sheet
+from tasn.data.images import write_jpeg
 from tasn.data.layout import write_layout
 from tasn.data.parallel import imap
 from tasn.errors import DataError
@@ -190,9 +190,7 @@ class _Job:
 
 def _render_job(job: _Job) -> Box:
     arr, box = render(job.seed, job.index, job.pixels, job.side, job.item_min, job.item_max)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=job.quality)
-    Path(job.path).write_bytes(buf.getvalue())
+    write_jpeg(job.path, arr, job.quality)
     return box
 
 

@@ -10,10 +10,14 @@ every worker at once; so the pixel count is read from the header and checked aga
 (`max_pixels`, about Pillow's own 89.5 Mpx default) before anything is decoded. A JPEG that will be
 scaled down anyway is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (`at_least`), which is
 also how validate checks that a JPEG decodes without holding it at full size.
+
+The other way: `write_jpeg`, the one encoding the generators (`tasn data fashion`, `tasn data
+synth`) write their images with, so a set renders to the same bytes wherever it is generated.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -124,3 +128,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def write_jpeg(path: str | os.PathLike, pixels: np.ndarray, quality: int) -> None:
+    """Encode `pixels` (H x W x 3, uint8) as a baseline JPEG of `quality` into `path`."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    Path(path).write_bytes(buf.getvalue())

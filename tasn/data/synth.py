@@ -17,7 +17,6 @@ for any number of worker processes.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from tasn.config import ConfigError, SynthConfig
 from tasn.data.contact_sheet import Box, draw_contact_sheet
+from tasn.data.images import write_jpeg
 from tasn.data.layout import write_layout
 from tasn.data.parallel import imap
 from tasn.io import atomic_dir, atomic_write_json
@@ -274,9 +274,7 @@ class _Job:
 
 def _render_job(job: _Job) -> Box:
     arr, bird = render(job.seed, job.index, job.combo, job.min_side, job.max_side)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=job.quality)
-    Path(job.path).write_bytes(buf.getvalue())
+    write_jpeg(job.path, arr, job.quality)
     return bird
 
 

@@ -42,8 +42,7 @@ class TASNLoss(nn.Module):
         w_part_aux: float = 0.5,
         w_master_aux: float = 0.5,
         w_distill: float = 1.0,
-        distill_teacher: str = "authors",
-        label_smoothing: float = 0.0,
+        *, distill_teacher: str = "authors", label_smoothing: float = 0.0,  # the recipe's, by name only
     ):
         super().__init__()
         self.temperature = temperature
