@@ -1,14 +1,20 @@
 """Re-make docs/images/mlflow_compare.png: the MLflow UI comparing a TASN run and a baseline run.
 
-Everything is real and local: a `mlflow server --workers 1` on loopback (sqlite store in a temporary
-folder), the embedded synthetic sample at the `smoke` size, one short TASN and one baseline
-training run (`tasn.training.train`), each evaluated on the test split (`tasn.evaluate.evaluate`,
-which logs the `test_*` metrics to its run), then headless Chromium opens the MLflow
-compare-runs page, shows only the parameters that differ, and saves a screenshot. Needs Debian's
-`chromium`.
+Everything is real and local: a `mlflow server --workers 1` on loopback, a TASN and a baseline run
+that learned, then headless Chromium opens the MLflow compare-runs page, shows only the parameters
+that differ, and saves a screenshot. Needs Debian's `chromium`.
+
+Where the runs come from:
+- by default, trained here: the CPU demo (params.yaml's top level) on the embedded set (read from
+  the in-repo DVC remote), one TASN and one baseline run (`tasn.training.train`), each evaluated
+  on the test split (`tasn.evaluate.evaluate`, which logs the `test_*` metrics to its run), in a
+  sqlite store in a temporary folder (about 7 minutes on 2 CPU cores);
+- with `--store mlflow.db --runs TASN_ID BASELINE_ID`: two runs already in a local store, e.g.
+  `make run`'s TASN run and a `tasn train -S model.kind=baseline` beside it (the server gets a copy
+  of the store, so the original is left as it is).
 
     .venv/bin/python scripts/mlflow_compare_screenshot.py [--out docs/images/mlflow_compare.png]
-        [--epochs 3] [--keep DIR]
+        [--epochs N] [--keep DIR] [--store mlflow.db --runs TASN_ID BASELINE_ID]
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ import mlflow
 import websocket
 
 from tasn.config import load_config
+from tasn.data.dvc_remote import materialize
 from tasn.data.preprocess import preprocess
-from tasn.data.synth import generate
 from tasn.evaluate import evaluate
 from tasn.io import atomic_write_bytes
 from tasn.training import train
@@ -54,13 +60,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, store: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on the sqlite file `store`; its log and any new artifacts under `root`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+         "--backend-store-uri", f"sqlite:///{store.resolve()}", "--artifacts-destination", str(root / "artifacts")],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 180
@@ -84,11 +91,12 @@ def stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def train_and_evaluate(kind: str, data: Path, work: Path, url: str, epochs: int) -> str:
-    """One short training run of `kind`, evaluated and logged; returns the run id."""
-    cfg = load_config(ROOT / "params.yaml", "smoke", [
-        f"model.kind={kind}", f"train.epochs={epochs}", f"tracking.uri={url}", "tracking.experiment=tasn-vs-baseline",
+def train_and_evaluate(kind: str, data: Path, work: Path, url: str, epochs: int | None) -> str:
+    """One demo training run of `kind`, evaluated and logged; returns the run id."""
+    cfg = load_config(ROOT / "params.yaml", None, [
+        f"model.kind={kind}", f"tracking.uri={url}", "tracking.experiment=tasn-vs-baseline",
         "tracking.system_metrics=false", "evaluate.timing_batches=2",
+        *([f"train.epochs={epochs}"] if epochs is not None else []),
     ])
     out = work / kind
     run_id = train(cfg, data, out / "train").run.run_id
@@ -173,24 +181,36 @@ def screenshot(url: str, out: Path, width: int, wait_s: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs/images/mlflow_compare.png"))
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the demo's train.epochs")
+    ap.add_argument("--store", type=Path, default=None, help="an existing sqlite MLflow store holding --runs")
+    ap.add_argument("--runs", nargs=2, metavar=("TASN_ID", "BASELINE_ID"), default=None,
+                    help="compare these runs of --store instead of training two")
     ap.add_argument("--width", type=int, default=1600, help="browser window width")
     ap.add_argument("--wait", type=float, default=120, help="seconds allowed for the page to render")
     ap.add_argument("--keep", default=None, help="keep the work folder here instead of a temporary one")
     args = ap.parse_args()
+    if (args.store is None) != (args.runs is None):
+        ap.error("--store and --runs go together")
+    if args.store is not None and not args.store.is_file():
+        ap.error(f"--store {args.store}: no such file")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         os.environ.pop(name, None)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mlflow-compare-"))
     work.mkdir(parents=True, exist_ok=True)
-    proc, url = start_server(work)
+    if args.store is not None:
+        shutil.copyfile(args.store, work / "mlflow.db")
+    proc, url = start_server(work, work / "mlflow.db")
     try:
-        cfg = load_config(ROOT / "params.yaml", "smoke")
-        cfg.preprocess.workers = 1
-        generate(work / "raw", cfg.data.synth, workers=1)
-        preprocess(work / "raw", work / "prepared", cfg.preprocess)
-        runs = [train_and_evaluate(kind, work / "prepared", work, url, args.epochs) for kind in ("tasn", "baseline")]
+        if args.runs:
+            runs = list(args.runs)
+        else:
+            cfg = load_config(ROOT / "params.yaml")
+            raw = materialize(ROOT / "data.dvc", ROOT / "dvc-storage", work / "raw")
+            preprocess(raw, work / "prepared", cfg.preprocess)
+            runs = [train_and_evaluate(kind, work / "prepared", work, url, args.epochs)
+                    for kind in ("tasn", "baseline")]
         exp = mlflow.MlflowClient(url).get_run(runs[0]).info.experiment_id
         page = f"{url}/#/compare-runs?runs={json.dumps(runs)}&experiments={json.dumps([exp])}"
         print("comparing", page)
