@@ -105,15 +105,16 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
 
 
 def start_run(cfg: Config, data_dir: Path, ctx: distributed.Context, run_id: str | None) -> tracking.Run:
-    """The MLflow run (continued when a checkpoint names one): lineage tags and the whole config."""
+    """The MLflow run (continued when a checkpoint names one): lineage and context tags, the whole
+    config, the data as a dataset input."""
     tags = {
-        "git.commit": tracking.git_commit(),
-        "data.version": tracking.data_version() or "untracked",
-        "data.path": str(data_dir),
-        "model.kind": cfg.model.kind,
-        "world_size": str(ctx.world_size),
+        tracking.GIT_COMMIT_TAG: tracking.git_commit(),
+        tracking.DATA_VERSION_TAG: tracking.data_version() or "untracked",
         "device": str(ctx.device.type),
+        **tracking.context_tags(),
     }
-    run = tracking.Run(cfg.tracking, tags, run_id=run_id, run_name=f"{cfg.model.kind}-{cfg.model.backbone}")
+    m = cfg.model
+    run = tracking.Run(cfg.tracking, tags, run_id=run_id, run_name=tracking.run_name(m.kind, m.backbone, m.out_size))
     run.log_params({**cfg.flat(), "data.dir": str(data_dir), "world_size": ctx.world_size})
+    run.log_dataset(str(data_dir.resolve()), tags[tracking.DATA_VERSION_TAG])
     return run
