@@ -13,6 +13,7 @@ experiment's name, else kind-backbone-out size-suffix), the context it ran in as
 (`context_tags`: the Kubeflow run id, the DVC experiment), its code as MLflow's own
 `mlflow.source.git.commit`, and its data as an MLflow dataset input (`Run.log_dataset`) whose digest
 is the data version, so the UI shows which data each run used.
+
 During the run every MLflow call goes through `Run`, which retries with backoff and, if the server
 stays away, logs a warning and carries on: losing a metric point is better than losing a week of
 GPU time. Nothing that looks like a credential is ever sent as a param or tag.
