@@ -135,10 +135,11 @@ def copy_package(dest: Path) -> Path:
     return target
 
 
-def log_model(weights: str | Path, predictor: Predictor, name: str = "model") -> Any:
+def log_model(weights: str | Path, predictor: Predictor, name: str = "model", step: int = 0) -> Any:
     """Log the pyfunc to the active MLflow run; returns MLflow's ModelInfo (`.model_uri` is
     models:/<model_id>). `weights` is the run's model.pt; `predictor` the same network in memory
-    (its class names and sizes become the model's metadata)."""
+    (its class names and sizes become the model's metadata); `step` the optimizer step it is the
+    model of (MLflow links the run's metrics of that step to it)."""
     import mlflow
 
     frame = pd.DataFrame({IMAGE: [example_jpeg(predictor.resize or predictor.input_size)]})
@@ -151,6 +152,7 @@ def log_model(weights: str | Path, predictor: Predictor, name: str = "model") ->
             signature=signature(),
             input_example=frame,
             pip_requirements=pip_requirements(),
+            step=step,
             metadata={"classes": predictor.classes, "input_size": predictor.input_size,
                       "resize": predictor.resize, "primary_head": predictor.primary_head},
         )

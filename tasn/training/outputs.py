@@ -81,7 +81,7 @@ def write_outputs(out_dir: Path, model: Network, cfg: Config, classes: list[str]
             if (out_dir / name).exists():
                 run.log_artifact(out_dir / name)
         predictor = Predictor(model.cpu(), classes, cfg.model.input_size, cfg.preprocess.size)
-        logged = run.log_model(lambda: log_model(out_dir / MODEL, predictor))
+        logged = run.log_model(lambda: log_model(out_dir / MODEL, predictor, step=step))
         info = RunInfo(run.run_id, run.experiment_id, run.uri, logged.model_uri if logged else None)
     atomic_write_json(out_dir / RUN, info.to_dict())
     return TrainResult(out_dir, summary, info)
