@@ -308,8 +308,8 @@ class Run:
 
     def log_dataset(self, source: str, version: str | None, context: str = "training") -> None:
         """The data the run used, as an MLflow dataset input (`tracking.dataset`)."""
-        self._call("log_input", lambda: self.mlflow.log_input(dataset(source, version), context=context,
-                                                             tags={DATA_VERSION_TAG: str(version)}))
+        tags = None if version is None else {DATA_VERSION_TAG: str(version)}
+        self._call("log_input", lambda: self.mlflow.log_input(dataset(source, version), context=context, tags=tags))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._call(f"log_metrics at step {step}", lambda: self.mlflow.log_metrics(metrics, step=step))
