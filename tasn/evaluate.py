@@ -39,12 +39,12 @@ from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tasn import tracking, viz
+from tasn import storage, tracking, viz
 from tasn.config import Config, check
 from tasn.data.dataset import PreparedDataset
 from tasn.data.transforms import eval_transform
 from tasn.errors import DataError, ServiceError, TASNError
-from tasn.io import atomic_dir, atomic_write_json, atomic_write_text
+from tasn.io import atomic_dir, atomic_write_json, atomic_write_text, check_apart
 from tasn.model.network import Network
 from tasn.predict import Predictor, from_checkpoint, load_predictor
 
@@ -267,6 +267,9 @@ def evaluate(cfg: Config, data_dir: str | os.PathLike[str], model: str, out_dir:
     `data_dir`; write the outputs to `out_dir` (replaced whole, atomically) and log them to `run_id`
     (default: the run that logged an MLflow model)."""
     check(cfg)
+    check_apart(data_dir, out_dir, DataError, "--out")  # the output replaces its folder whole
+    if not (tracking.is_mlflow_uri(model) or storage.is_s3(model)):
+        check_apart(model, out_dir, DataError, "--out")
     e = cfg.evaluate
     if run_id or tracking.is_mlflow_uri(model):
         tracking.setup(cfg.tracking)
