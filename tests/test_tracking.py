@@ -108,9 +108,10 @@ def test_unreachable_server_fails_fast_before_training(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     cfg = smoke_config(f"tracking.uri=http://127.0.0.1:{port}")
-    out = tmp_path / "out"
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
     with pytest.raises(ServiceError, match=f"127.0.0.1:{port} is not reachable"):
-        train(cfg, tmp_path, out)
+        train(cfg, data, out)
     assert not out.exists()  # nothing started, nothing written
 
 
