@@ -69,7 +69,8 @@ def train(
             stage += ["-S", f"train.checkpoint_dir={storage.join(work, CHECKPOINTS)}"]
         run_tasn(stage, config, launcher, kfp_run_id=kfp_run_id, mlflow_config_map=mlflow_config_map)
     else:
-        from tasn.launch import TrainJobSpec, job_name, run_trainjob  # the kubernetes client: seconds
+        from tasn.jobspec import TrainJobSpec, job_name
+        from tasn.launch import run_trainjob  # the kubernetes client: seconds
 
         spec = TrainJobSpec(
             image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node,

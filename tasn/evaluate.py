@@ -11,7 +11,13 @@ run), on this machine.
 Outputs (written together, atomically): `metrics.json` (flat numbers, DVC `metrics:`),
 `per_class.csv` and `confusion.csv` (DVC `plots:`; the latter one row per image, `actual` and
 `predicted`, as DVC's confusion template wants), `confusion.png`. With a run id they are also logged
-to that MLflow run: metrics prefixed `test_`, files under `evaluate/`.
+to that MLflow run: metrics prefixed `test_`, files under `evaluate/`. The metrics are logged
+against the run's LoggedModel (the model the run logged, or the MLflow model evaluated) and the
+run's dataset, so the model's page, and through it the registered version's, shows them.
+
+Every model is loaded the same way, without unpickling or running code from the registry: a
+`model.pt` by `tasn.predict.from_checkpoint`, an MLflow model by `tasn.predict.load_predictor`
+(which reads its model.pt artifact with the same loader).
 """
 
 from __future__ import annotations
@@ -27,21 +33,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mlflow.entities import Metric, RunTag
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Run, RunTag
 from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tasn import tracking, viz
-from tasn.checkpoint import load_model
+from tasn import storage, tracking, viz
 from tasn.config import Config, check
 from tasn.data.dataset import PreparedDataset
 from tasn.data.transforms import eval_transform
 from tasn.errors import DataError, ServiceError, TASNError
-from tasn.io import atomic_dir, atomic_write_json, atomic_write_text
+from tasn.io import atomic_dir, atomic_write_json, atomic_write_text, check_apart
 from tasn.model.network import Network
-from tasn.predict import Predictor, load_predictor
-from tasn.registry.versions import client
+from tasn.predict import Predictor, from_checkpoint, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -66,42 +71,32 @@ class Loaded:
     predictor: Predictor
     temperature: float  # the distillation temperature it was trained with
     run_id: str | None  # the MLflow run that produced it, when known
+    model_id: str | None  # its MLflow LoggedModel, when it is one
 
 
 def load(model: str, cfg: Config) -> Loaded:
     """A `model.pt` path (local or s3://) or an MLflow model URI -> Loaded; clear errors."""
     if tracking.is_mlflow_uri(model):
         try:
-            predictor = load_predictor(model)
+            found = load_predictor(model)
+        except TASNError:
+            raise
         except Exception as exc:  # MLflow raises several types for a wrong URI
             raise TASNError(f"--model {model}: cannot load the model from MLflow ({exc})") from exc
-        return Loaded(predictor, cfg.loss.temperature, _source_run(model))
+        return Loaded(found.predictor, _temperature(found.predictor, cfg), found.run_id, found.model_id)
     if "://" not in model and not Path(model).is_file():
         raise DataError(f"--model {model}: no such checkpoint file (run `tasn train` first)")
     try:
-        net, meta = load_model(model, endpoint=cfg.tracking.s3_endpoint or None)
+        predictor = from_checkpoint(model, endpoint=cfg.tracking.s3_endpoint or None)
     except (ValueError, KeyError, OSError) as exc:
         raise DataError(f"--model {model}: {exc}") from exc
-    config = meta["config"]
-    predictor = Predictor(net, meta["classes"], config["model"]["input_size"], config["preprocess"]["size"])
-    return Loaded(predictor, float(config["loss"]["temperature"]), None)
+    return Loaded(predictor, _temperature(predictor, cfg), None, None)
 
 
-def _source_run(uri: str) -> str | None:
-    """The run that logged a models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/... model."""
-    if uri.startswith("runs:/"):
-        return uri[len("runs:/"):].split("/", 1)[0]
-    ref = uri[len("models:/"):] if uri.startswith("models:/") else ""
-    if not ref or ref.startswith("m-"):
-        return None
-    mc = client()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return mc.get_model_version_by_alias(name, alias).run_id
-    if "/" in ref:
-        name, version = ref.rsplit("/", 1)
-        return mc.get_model_version(name, version).run_id
-    return None
+def _temperature(predictor: Predictor, cfg: Config) -> float:
+    """The distillation temperature the model was trained with (its config), else the config's."""
+    trained = (predictor.config or {}).get("loss", {}).get("temperature")
+    return float(trained if trained is not None else cfg.loss.temperature)
 
 
 def load_test_split(data_dir: str | os.PathLike[str], predictor: Predictor) -> PreparedDataset:
@@ -229,10 +224,31 @@ def confusion_csv(pred: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
     return buf.getvalue()
 
 
-def log_to_run(run_id: str, metrics: dict[str, float], out_dir: Path, tags: dict[str, str]) -> None:
-    mc = client()
+def training_dataset(run: Run) -> tuple[str, str] | None:
+    """(name, digest) of the dataset the run trained on (its input with context `training`)."""
+    for entry in run.inputs.dataset_inputs if run.inputs else []:
+        if any(t.key == "mlflow.data.context" and t.value == "training" for t in entry.tags):
+            return entry.dataset.name, entry.dataset.digest
+    return None
+
+
+def logged_model_of(run: Run) -> str | None:
+    """The LoggedModel the run logged last (`tasn train` logs one), if any."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return outputs[-1].model_id if outputs else None
+
+
+def log_to_run(run_id: str, metrics: dict[str, float], out_dir: Path, tags: dict[str, str],
+               model_id: str | None = None) -> None:
+    """The metrics as `test_<key>` on the run, against `model_id` (default: the run's own logged
+    model) and the run's training dataset; the files under `evaluate/`; the tags."""
+    mc = MlflowClient()
+    run = mc.get_run(run_id)
+    model_id = model_id or logged_model_of(run)
+    name, digest = training_dataset(run) or (None, None)
     now = int(time.time() * 1000)
-    mc.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), now, 0) for k, v in metrics.items()],
+    mc.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), now, 0, model_id=model_id, dataset_name=name,
+                                         dataset_digest=digest) for k, v in metrics.items()],
                  tags=[RunTag(k, v) for k, v in tags.items()])
     mc.log_artifacts(run_id, str(out_dir), RUN_ARTIFACTS)
 
@@ -240,7 +256,7 @@ def log_to_run(run_id: str, metrics: dict[str, float], out_dir: Path, tags: dict
 def check_run(run_id: str) -> None:
     """Fail before any work when the run to log to is not there."""
     try:
-        client().get_run(run_id)
+        MlflowClient().get_run(run_id)
     except MlflowException as exc:
         raise ServiceError(f"MLflow run {run_id} not found ({exc.message}); check --run-id / --run-json") from exc
 
@@ -251,6 +267,9 @@ def evaluate(cfg: Config, data_dir: str | os.PathLike[str], model: str, out_dir:
     `data_dir`; write the outputs to `out_dir` (replaced whole, atomically) and log them to `run_id`
     (default: the run that logged an MLflow model)."""
     check(cfg)
+    check_apart(data_dir, out_dir, DataError, "--out")  # the output replaces its folder whole
+    if not (tracking.is_mlflow_uri(model) or storage.is_s3(model)):
+        check_apart(model, out_dir, DataError, "--out")
     e = cfg.evaluate
     if run_id or tracking.is_mlflow_uri(model):
         tracking.setup(cfg.tracking)
@@ -279,7 +298,7 @@ def evaluate(cfg: Config, data_dir: str | os.PathLike[str], model: str, out_dir:
         viz.save_figure(viz.confusion_figure(conf, classes, title), tmp / CONFUSION_PNG)
     if run_id:
         tags = {"evaluate.model": model, "evaluate.device": str(device), "evaluate.primary_head": primary}
-        log_to_run(run_id, metrics, out, tags)
+        log_to_run(run_id, metrics, out, tags, loaded.model_id)
         log.info("logged %d test metrics and the evaluation files to run %s", len(metrics), run_id)
     log.info("%s: top-1 %.4f (%s), top-5 %.4f on %d images", model, metrics["top1"], primary, metrics["top5"],
              len(labels))

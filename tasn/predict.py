@@ -1,30 +1,30 @@
 """The deployable model: the trained network plus everything needed to use it on a raw image.
 
-`Predictor` is an nn.Module whose `forward` maps a normalised batch to the primary head's logits
-(what MLflow's pyfunc flavour and TorchServe-style servers call), and whose `predict` takes image
-files or PIL images and returns class names and probabilities, doing the same preprocessing as
-`tasn evaluate` (shorter side to `preprocess.size`, centre crop `model.input_size`, normalise).
+`Predictor` is an nn.Module whose `forward` maps a normalised batch to the primary head's logits,
+and whose `predict` takes image files or PIL images and returns class names and probabilities,
+doing the same preprocessing as `tasn evaluate` (shorter side to `preprocess.size`, centre crop
+`model.input_size`, normalise).
 
-It is logged to MLflow with pickle serialization: the default `pt2` format exports `forward` as a
-traced graph and loads back as a bare GraphModule, which would lose `predict` and the class
-names. MLflow 3.17 refuses to unpickle unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true (the model
-is code: load only models from a tracking server you trust); `load_predictor` sets it for the one
-call. mlflow is imported inside the two functions that talk to it, so the training stage (which
-builds a Predictor to log) imports without the MLOps stack.
+One loader builds it, wherever the model is: `from_checkpoint` reads a `model.pt` (state dict +
+resolved config + class names) with `torch.load(weights_only=True)`; `load_predictor` does the
+same for an MLflow model logged by `tasn train` (the pyfunc of `tasn.serving`), downloading only
+its MLmodel file and its `weights` artifact, so `tasn predict` and `tasn evaluate` never run code
+that came from the registry and never unpickle anything. The pyfunc's own `load_context` calls
+`from_checkpoint` too. mlflow is imported inside `load_predictor`, so the training stage (which
+builds a Predictor) imports without the MLOps stack.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torchvision
 from PIL import Image
 
 from tasn import tracking
@@ -34,20 +34,23 @@ from tasn.data.transforms import eval_transform
 from tasn.errors import DataError, TASNError
 from tasn.model.network import Network
 
-PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+WEIGHTS = "weights"  # the MLflow model's artifact holding model.pt (tasn.serving logs it)
 ImageInput = str | os.PathLike[str] | Image.Image
 
 
 class Predictor(nn.Module):
-    """Trained network + class names + preprocessing constants."""
+    """Trained network + class names + preprocessing constants (+ the resolved config it was
+    trained with, when it came from a model file)."""
 
-    def __init__(self, model: Network, classes: list[str], input_size: int, resize: int | None):
+    def __init__(self, model: Network, classes: list[str], input_size: int, resize: int | None,
+                 config: dict[str, Any] | None = None):
         super().__init__()
         self.model = model.eval()
         self.classes = list(classes)
         self.input_size = int(input_size)
         self.resize = int(resize) if resize else None
         self.primary_head = model.primary_head
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(n, 3, input_size, input_size) normalised -> (n, classes) primary-head logits."""
@@ -92,55 +95,34 @@ def from_checkpoint(path_or_uri: str, endpoint: str | None = None) -> Predictor:
     """A Predictor from a `model.pt` (or training checkpoint) written by `tasn train`."""
     model, meta = load_model(path_or_uri, endpoint=endpoint)
     config = meta["config"]
-    return Predictor(model, meta["classes"], config["model"]["input_size"], config["preprocess"]["size"])
+    return Predictor(model, meta["classes"], config["model"]["input_size"], config["preprocess"]["size"], config)
 
 
-def log_model(predictor: Predictor, name: str = "model", registered_model_name: str | None = None) -> Any:
-    """Log to the active MLflow run; returns MLflow's ModelInfo (`.model_uri` loads it back)."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+@dataclass(frozen=True)
+class LoadedModel:
+    """A Predictor built from an MLflow model, and where that model came from."""
 
-    size = predictor.input_size
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(predictor.classes)))]),
-    )
-    predictor = predictor.cpu().eval()
-    return mlflow.pytorch.log_model(
-        predictor,
-        name=name,
-        serialization_format="pickle",
-        signature=signature,
-        # explicit, so MLflow does not load the model in a subprocess to infer them
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}", "pillow", "tasn"],
-        registered_model_name=registered_model_name,
-        metadata={"classes": predictor.classes, "input_size": size, "resize": predictor.resize,
-                  "primary_head": predictor.primary_head},
-    )
+    predictor: Predictor
+    model_id: str | None  # the LoggedModel (models:/<model_id>)
+    run_id: str | None  # the run that logged it
 
 
-@contextlib.contextmanager
-def _pickle_allowed() -> Iterator[None]:
-    old = os.environ.get(PICKLE_ENV)
-    os.environ[PICKLE_ENV] = "true"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(PICKLE_ENV, None)
-        else:
-            os.environ[PICKLE_ENV] = old
+def load_predictor(model_uri: str) -> LoadedModel:
+    """The Predictor of an MLflow model logged by `tasn train` (models:/NAME@ALIAS, models:/NAME/V,
+    models:/<model_id>, runs:/ID/model, or a downloaded model folder): its MLmodel file and its
+    weights are downloaded and read by `from_checkpoint`; none of the model's code runs."""
+    from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-
-def load_predictor(model_uri: str) -> Predictor:
-    """`mlflow.pytorch.load_model` for a Predictor logged by `log_model` (runs:/, models:/...)."""
-    import mlflow
-
-    with _pickle_allowed():
-        predictor: Predictor = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    return predictor
+    repo = get_artifact_repository(model_uri)
+    with tempfile.TemporaryDirectory(prefix="tasn-model-") as tmp:
+        mlmodel = Model.load(repo.download_artifacts("MLmodel", dst_path=tmp))
+        artifacts = (mlmodel.flavors.get("python_function") or {}).get("artifacts") or {}
+        if WEIGHTS not in artifacts:
+            raise TASNError(f"{model_uri} is not a tasn model: its pyfunc has no {WEIGHTS!r} artifact "
+                            "(a model logged by an older tasn train: train it again)")
+        predictor = from_checkpoint(repo.download_artifacts(artifacts[WEIGHTS]["path"], dst_path=tmp))
+    return LoadedModel(predictor, mlmodel.model_id, mlmodel.run_id)
 
 
 def check_image(path: str | os.PathLike[str]) -> None:
@@ -157,14 +139,18 @@ def check_image(path: str | os.PathLike[str]) -> None:
 
 def predict_files(model_uri: str, images: Sequence[str], topk: int, cfg: TrackingConfig) -> list[dict[str, Any]]:
     """`tasn predict`: the top-k classes of raw image files with a logged model (models:/NAME@ALIAS,
-    runs:/ID/model, ...); every image is checked before the model is loaded."""
+    runs:/ID/model, ...) or a `model.pt`; every image is checked before the model is loaded."""
     for path in images:
         check_image(path)
-    if tracking.is_mlflow_uri(model_uri):
-        tracking.setup(cfg)
     try:
-        predictor = load_predictor(model_uri)
-    except Exception as exc:  # MLflow raises many kinds for a wrong URI: name the URI
+        if tracking.is_mlflow_uri(model_uri):
+            tracking.setup(cfg)
+            predictor = load_predictor(model_uri).predictor
+        else:
+            predictor = from_checkpoint(model_uri, endpoint=cfg.s3_endpoint or None)
+    except TASNError:
+        raise
+    except Exception as exc:  # MLflow and storage raise many kinds for a wrong URI: name the URI
         raise TASNError(f"--model {model_uri}: cannot load the model ({exc})") from exc
     try:
         return predictor.predict(images, topk=topk)

@@ -2,8 +2,18 @@
 flaky server cannot kill.
 
 Where: `tracking.uri`, else `MLFLOW_TRACKING_URI`, else a local sqlite store `mlflow.db` with
-artifacts under `mlruns/` in the working directory (so `mlflow ui` in the project shows every run).
-A remote server is checked before training starts, so a wrong URI costs seconds, not an epoch.
+artifacts under `mlruns/` at the project root: `$DVC_ROOT` when DVC runs the stage (DVC points it at
+the workspace even for `dvc exp run --temp` / `--queue`, which run in a throwaway copy), else the
+checkout holding the working directory. So `mlflow ui` in the project shows every run and every
+experiment, wherever DVC ran it. A remote server is checked before training starts, so a wrong URI
+costs seconds, not an epoch.
+
+What a run says about itself: a name that tells it apart in the runs table (`run_name`: the DVC
+experiment's name, else kind-backbone-out size-suffix), the context it ran in as tags
+(`context_tags`: the Kubeflow run id, the DVC experiment), its code as MLflow's own
+`mlflow.source.git.commit`, and its data as an MLflow dataset input (`Run.log_dataset`) whose digest
+is the data version, so the UI shows which data each run used.
+
 During the run every MLflow call goes through `Run`, which retries with backoff and, if the server
 stays away, logs a warning and carries on: losing a metric point is better than losing a week of
 GPU time.
@@ -24,6 +34,8 @@ import logging
 import os
 import re
 import time
+import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +45,7 @@ from typing import Any
 from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
 from tasn.io import read_json
+from tasn.lineage import KFP_RUN_ID_ENV, KFP_RUN_TAG
 from tasn.redact import REDACTED as REDACTED  # the marker scrubbed values carry
 from tasn.redact import redact_mapping, redact_text, redact_uri, split_userinfo
 
@@ -44,6 +57,14 @@ USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD" 
 PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
 PROBE_READ_TIMEOUT_S = 60.0  # a loaded server may take seconds (basic auth hashes the password); no answer is fast
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+DVC_ROOT_ENV = "DVC_ROOT"  # set by DVC for every stage command: the workspace, also for temp/queued experiments
+DVC_EXP_ENV = "DVC_EXP_NAME"  # set by DVC for `dvc exp run` (not for `dvc repro`)
+DVC_EXP_TAG = "dvc.exp_name"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI links it; set explicitly (see Run)
+DATA_VERSION_TAG = "data.version"
+DIGEST_LEN = 36  # MLflow's dataset digest column holds 36 characters: an md5 + ".dir" fits exactly
+UNVERSIONED = (None, "", "untracked", "unknown")
 
 
 def _mlflow() -> ModuleType:
@@ -79,18 +100,28 @@ class RunInfo:
 
 # -- where ----------------------------------------------------------------------------------
 
+def project_root() -> Path:
+    """Where the local store lives: `$DVC_ROOT` (DVC's workspace, also when the stage runs in a
+    temporary copy for `dvc exp run --temp/--queue`), else the nearest folder above the working
+    directory holding `.dvc` or `.git`, else the working directory."""
+    if os.environ.get(DVC_ROOT_ENV):
+        return Path(os.environ[DVC_ROOT_ENV]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((p for p in (cwd, *cwd.parents) if (p / ".dvc").is_dir() or (p / ".git").exists()), cwd)
+
+
 def resolve_uri(cfg: TrackingConfig, run_uri: str | None = None) -> str:
     """config `tracking.uri` > `run_uri` (the store a run already lives in: register and evaluate
-    go where train went) > MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db. run.json records a URI
-    without credentials; MLFLOW_TRACKING_URI naming the same server with them stands in for it."""
+    go where train went) > MLFLOW_TRACKING_URI > sqlite:///<project root>/mlflow.db. run.json records
+    a URI without credentials; MLFLOW_TRACKING_URI naming the same server with them stands in for it."""
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if run_uri and env_uri and split_userinfo(env_uri)[0] == run_uri:
         run_uri = env_uri  # the same server: the environment's URI may carry its credentials
-    return cfg.uri or run_uri or env_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return cfg.uri or run_uri or env_uri or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def local_artifact_root() -> str:
-    return (Path.cwd() / "mlruns").as_uri()
+    return (project_root() / "mlruns").as_uri()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -190,6 +221,39 @@ def scrub(mapping: dict[str, Any]) -> dict[str, Any]:
     return redact_mapping(mapping)
 
 
+def context_tags() -> dict[str, str]:
+    """The pipeline run this process belongs to, as tags: `kfp.run_id` (the Kubeflow run) and
+    `dvc.exp_name` (the DVC experiment), each only when set."""
+    found = {KFP_RUN_TAG: os.environ.get(KFP_RUN_ID_ENV), DVC_EXP_TAG: os.environ.get(DVC_EXP_ENV)}
+    return {k: v for k, v in found.items() if v}
+
+
+def run_name(kind: str, backbone: str, out_size: int) -> str:
+    """The DVC experiment's name when DVC runs one (so the MLflow run and `dvc exp show` agree),
+    else what the run trains plus a short random suffix, e.g. `tasn-resnet18-slim-out112-3f9a1c`."""
+    return os.environ.get(DVC_EXP_ENV) or f"{kind}-{backbone}-out{out_size}-{uuid.uuid4().hex[:6]}"
+
+
+def dataset_digest(version: str) -> str:
+    """A data version as an MLflow dataset digest: itself when it fits the 36 characters MLflow
+    stores (DVC's `<md5>.dir` does), else the start of its hash part."""
+    return version if len(version) <= DIGEST_LEN else version.rsplit(":", 1)[-1][:DIGEST_LEN]
+
+
+def dataset(source: str, version: str | None) -> Any:
+    """An MLflow dataset for the data at `source` (path or URI), named after its folder, whose
+    digest is the data version (MLflow's own digest of name and source when there is none)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    name = source.rstrip("/").rsplit("/", 1)[-1] or source
+    digest = None if version in UNVERSIONED else dataset_digest(str(version))
+    with warnings.catch_warnings():  # MLflow registers two equal sources for local paths and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        # MLflow marks Dataset.profile abstract but MetaDataset, its own metadata-only dataset, has none
+        return MetaDataset(resolve_dataset_source(source), name=name, digest=digest)  # type: ignore[abstract]
+
+
 def system_metrics_wanted(enabled: bool) -> bool:
     """MLflow's system metrics need psutil; an explicit MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
     (as in the tests) wins over the config."""
@@ -215,7 +279,12 @@ def retry(fn: Callable[[], Any], what: str, attempts: int = 4, delay: float = 2.
 
 
 class Run:
-    """The active MLflow run of a training process (rank 0 only), every call retried."""
+    """The active MLflow run of a training process (rank 0 only), every call retried.
+
+    A new run gets its tags when it starts: MLflow fills `mlflow.source.git.commit` from the
+    script it runs (the venv's `tasn`, which may sit in another checkout or none), and tags given
+    to start_run take precedence over MLflow's guesses.
+    """
 
     def __init__(self, cfg: TrackingConfig, tags: dict[str, Any], run_id: str | None = None,
                  run_name: str | None = None, retry_delay: float = 2.0):
@@ -233,9 +302,14 @@ class Run:
                 log.warning("MLflow: cannot continue run %s (%s); starting a new one", run_id, exc)
         if active is None:
             active = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name,
-                                           log_system_metrics=system)
+                                           log_system_metrics=system, tags=self._clean(tags))
+        else:
+            self.set_tags(tags)
         self.run_id: str = active.info.run_id
-        self.set_tags(tags)
+
+    @staticmethod
+    def _clean(tags: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in scrub(tags).items() if v is not None}
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         return retry(fn, what, delay=self.retry_delay)
@@ -244,8 +318,13 @@ class Run:
         self._call("log_params", lambda: self.mlflow.log_params(scrub(params)))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        clean = {k: v for k, v in scrub(tags).items() if v is not None}
+        clean = self._clean(tags)
         self._call("set_tags", lambda: self.mlflow.set_tags(clean))
+
+    def log_dataset(self, source: str, version: str | None, context: str = "training") -> None:
+        """The data the run used, as an MLflow dataset input (`tracking.dataset`)."""
+        tags = None if version is None else {DATA_VERSION_TAG: str(version)}
+        self._call("log_input", lambda: self.mlflow.log_input(dataset(source, version), context=context, tags=tags))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._call(f"log_metrics at step {step}", lambda: self.mlflow.log_metrics(metrics, step=step))

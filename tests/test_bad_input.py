@@ -271,6 +271,14 @@ def test_bad_input_is_named_exits_1_and_changes_nothing_around_it(name, tree, ca
     (["data", "import-cub", "raw", "raw/images/x", "--workers", "1"], "raw/images/x: DEST must be outside raw"),
     (["preprocess", "--params", "params.yaml", "--data", "raw", "--out", "params.yaml/prep"],
      "params.yaml: cannot create the folder for prep"),
+    (["evaluate", "--params", "params.yaml", "--data", "prep", "--model", "m.pt", "--out", "prep"],
+     "prep: --out must be outside prep"),
+    (["evaluate", "--params", "params.yaml", "--data", "prep", "--model", "prep/../m.pt", "--out", "."],
+     ".: --out must be outside prep"),
+    (["evaluate", "--params", "params.yaml", "--data", "prep", "--model", "ev/model.pt", "--out", "ev"],
+     "ev: --out must be outside ev/model.pt"),
+    (["train", "--params", "params.yaml", "--data", "prep", "--out", "prep/train"],
+     "prep/train: --out must be outside prep"),
 ])
 def test_an_output_that_would_overwrite_its_input_is_refused(argv, says, tree, capsys):
     refuses(capsys, tree, argv, (says,))

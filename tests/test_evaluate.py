@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
+from fixtures.models import log_baseline
 from tasn.checkpoint import load_model, save_model
 from tasn.cli import main
 from tasn.data.dataset import PreparedDataset
@@ -191,3 +192,24 @@ def test_cli_logs_to_the_training_run(smoke_data, tmp_path, mlflow_server, monke
     assert logged.data.metrics["test_logits_top5"] == pytest.approx(metrics["logits_top5"])
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluate")}
     assert {f"{RUN_ARTIFACTS}/{name}" for name in (METRICS, PER_CLASS, CONFUSION_CSV, CONFUSION_PNG)} <= files
+
+
+@pytest.mark.integration
+def test_an_mlflow_model_is_scored_into_its_run_and_its_logged_model(smoke_data, tmp_path, mlflow_server,  # noqa: F811
+                                                                     monkeypatch):
+    """`--model models:/<model_id>`: the weights are read (no unpickling), the numbers match the
+    network run image by image, and they land on the run that logged the model and on the model."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(mlflow_server.url)
+    with mlflow.start_run() as run:
+        info, _ = log_baseline(tmp_path / "model", classes_of(smoke_data), input_size=64, resize=96)
+    result = evaluate(cfg_for(), smoke_data, info.model_uri, tmp_path / "out")
+    assert result.run_id == run.info.run_id
+    heads, labels = reference(tmp_path / "model" / MODEL, smoke_data)
+    assert result.metrics["top1"] == pytest.approx(np_topk(heads["logits"], labels, 1))
+    client = mlflow.MlflowClient()
+    assert client.get_run(run.info.run_id).data.metrics["test_top1"] == pytest.approx(result.metrics["top1"])
+    on_model = {m.key: m.value for m in client.get_logged_model(info.model_id).metrics}
+    assert on_model["test_top1"] == pytest.approx(result.metrics["top1"])
+    assert on_model["test_logits_top2"] == pytest.approx(result.metrics["logits_top2"])

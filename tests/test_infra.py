@@ -34,7 +34,7 @@ INFRA = ROOT / "infra"
 sys.path.insert(0, str(INFRA / "crds"))
 import validate as crds  # noqa: E402  (infra/crds/validate.py)
 
-from tasn import launch  # noqa: E402  (its rendered jobs are pod templates too)
+from tasn import jobspec  # noqa: E402  (its rendered jobs are pod templates too)
 
 OVERLAYS = ["local", "gpu"]
 EXAMPLES = sorted((INFRA / "k8s" / "examples").glob("*.yaml"))
@@ -391,10 +391,10 @@ def _trainjob_pod(job: dict, runtimes: dict[str, dict], where: str) -> Pod:
     podTemplateOverride for `node` merged in (labels and annotations merged, lists appended,
     containers merged by name)."""
     runtime = runtimes[job["spec"]["runtimeRef"]["name"]]
-    (rjob,) = [r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == launch.NODE_JOB]
+    (rjob,) = [r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == jobspec.NODE_JOB]
     template = copy.deepcopy(rjob["template"]["spec"]["template"])
     meta, spec = template.setdefault("metadata", {}), template["spec"]
-    node = next(c for c in spec["containers"] if c["name"] == launch.NODE_JOB)
+    node = next(c for c in spec["containers"] if c["name"] == jobspec.NODE_JOB)
     trainer = job["spec"].get("trainer", {})
     node.update({k: trainer[k] for k in ("image", "command", "args") if k in trainer})
     if "resourcesPerNode" in trainer:
@@ -403,7 +403,7 @@ def _trainjob_pod(job: dict, runtimes: dict[str, dict], where: str) -> Pod:
     env.update({e["name"]: e for e in trainer.get("env", [])})
     node["env"] = list(env.values())
     for override in job["spec"].get("podTemplateOverrides", []):
-        if launch.NODE_JOB not in {t["name"] for t in override["targetJobs"]}:
+        if jobspec.NODE_JOB not in {t["name"] for t in override["targetJobs"]}:
             continue
         for key in ("labels", "annotations"):
             meta.setdefault(key, {}).update((override.get("metadata") or {}).get(key, {}))
@@ -447,9 +447,9 @@ def _launcher_jobs(overlay: str, docs) -> list[dict]:
     environ = {**configs["tasn-s3-config"], **configs["tasn-mlflow-config"]}
     jobs = []
     for kind, nodes, gpus in LAUNCHER_SPECS[overlay]:
-        spec = launch.TrainJobSpec(image="registry.example.com/ml/tasn:test", num_nodes=nodes, gpus_per_node=gpus,
+        spec = jobspec.TrainJobSpec(image="registry.example.com/ml/tasn:test", num_nodes=nodes, gpus_per_node=gpus,
                                    data_uri="s3://tasn/prepared/cub", work_uri="s3://tasn/runs/x", kind=kind)
-        job = launch.render_job(spec, launch.job_name(f"{kind}{nodes}{gpus}"), environ=environ)
+        job = jobspec.render_job(spec, jobspec.job_name(f"{kind}{nodes}{gpus}"), environ=environ)
         job["metadata"]["namespace"] = NAMESPACE
         jobs.append(job)
     return jobs
@@ -611,16 +611,16 @@ def test_every_pod_template_meets_pod_security_restricted(rendered):
 def test_launcher_jobs_are_hardened_themselves():
     """A PyTorchJob has no runtime to inherit from: its own pods must be admitted as rendered, and
     a TrainJob's override must not weaken the runtime (v2.1 overrides cannot set a securityContext)."""
-    spec = launch.TrainJobSpec(image="r/tasn:1", num_nodes=2, gpus_per_node=8, data_uri="s3://b/d", work_uri="s3://b/w",
+    spec = jobspec.TrainJobSpec(image="r/tasn:1", num_nodes=2, gpus_per_node=8, data_uri="s3://b/d", work_uri="s3://b/w",
                                kind="PyTorchJob")
-    job = launch.render_job(spec, "n", environ={})
+    job = jobspec.render_job(spec, "n", environ={})
     pods = [Pod(f"PyTorchJob {r}", NAMESPACE, m.get("labels", {}), s, m.get("annotations", {}))
             for r, (m, s) in zip(job["spec"]["pytorchReplicaSpecs"], _templates_in(job))]
     assert len(pods) == 2 and all(restricted_violations(p) == [] for p in pods)
     assert all(p.spec["automountServiceAccountToken"] is False for p in pods)
-    tj = launch.render_job(launch.TrainJobSpec(**{**spec.__dict__, "kind": "TrainJob"}), "n", environ={})
+    tj = jobspec.render_job(jobspec.TrainJobSpec(**{**spec.__dict__, "kind": "TrainJob"}), "n", environ={})
     (override,) = tj["spec"]["podTemplateOverrides"]
-    assert "securityContext" not in override["spec"] and override["metadata"]["labels"] == launch.POD_LABELS
+    assert "securityContext" not in override["spec"] and override["metadata"]["labels"] == jobspec.POD_LABELS
 
 
 # --- NetworkPolicies: each pod reaches what its configuration names, nothing else ----------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasn import launch, lineage
+from tasn import jobspec, launch, lineage
 from tasn.data.preprocess import MANIFEST, SHARDS
 from tasn.errors import ServiceError, TASNError
 from tasn.training.outputs import CHECKPOINTS, METRICS, MODEL
@@ -47,7 +47,7 @@ class FakeApi:
         return body
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        assert (group, version, plural) in {(k.group, k.version, k.plural) for k in launch.KINDS.values()}
+        assert (group, version, plural) in {(k.group, k.version, k.plural) for k in jobspec.KINDS.values()}
         state = self.states[min(self.gets, len(self.states) - 1)]
         self.gets += 1
         if isinstance(state, Exception):
@@ -64,11 +64,11 @@ def spec(**kw):
                 work_uri="s3://b/work/run1", params_yaml="train: {lr: 0.1}\n", profile="cub",
                 overrides=["train.epochs=2"])
     base.update(kw)
-    return launch.TrainJobSpec(**base)
+    return jobspec.TrainJobSpec(**base)
 
 
 def test_render_trainjob_nodes_gpus_command_and_pinned_fields():
-    body = launch.render_trainjob(spec(), "tasn-train-x", environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000",
+    body = jobspec.render_trainjob(spec(), "tasn-train-x", environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000",
                                                                   "AWS_SECRET_ACCESS_KEY": "leak-me"})
     assert body["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and body["kind"] == "TrainJob"
     tr = body["spec"]["trainer"]
@@ -78,7 +78,7 @@ def test_render_trainjob_nodes_gpus_command_and_pinned_fields():
     assert tr["args"] == ["--data-uri", "s3://b/prepared", "--work-uri", "s3://b/work/run1",
                           "--profile", "cub", "-S", "train.epochs=2"]
     env = {e["name"]: e for e in tr["env"]}
-    assert env[launch.PARAMS_ENV]["value"] == "train: {lr: 0.1}\n"
+    assert env[jobspec.PARAMS_ENV]["value"] == "train: {lr: 0.1}\n"
     assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
     # the secret travels as a reference, never as a value copied from the launcher's environment
     assert env["AWS_SECRET_ACCESS_KEY"] == {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {
@@ -95,7 +95,7 @@ def test_render_trainjob_nodes_gpus_command_and_pinned_fields():
 
 
 def test_render_cpu_nodes_request_no_gpu():
-    tr = launch.render_trainjob(spec(gpus_per_node=0), "n", environ={})["spec"]["trainer"]
+    tr = jobspec.render_trainjob(spec(gpus_per_node=0), "n", environ={})["spec"]["trainer"]
     assert "nvidia.com/gpu" not in tr["resourcesPerNode"]["limits"] and tr["numProcPerNode"] == 1
 
 
@@ -106,12 +106,12 @@ def test_render_cpu_nodes_request_no_gpu():
 ])
 def test_render_rejects_what_a_cluster_cannot_use(field, value, needle):
     with pytest.raises(TASNError, match=needle):
-        launch.render_trainjob(spec(**{field: value}), "n", environ={})
+        jobspec.render_trainjob(spec(**{field: value}), "n", environ={})
 
 
 def test_job_name_is_stable_and_dns_safe():
-    a, b = launch.job_name("s3://b/w|/out/model"), launch.job_name("s3://b/w|/out/model")
-    assert a == b and a != launch.job_name("s3://b/w|/other") and len(a) <= 63 and a == a.lower()
+    a, b = jobspec.job_name("s3://b/w|/out/model"), jobspec.job_name("s3://b/w|/out/model")
+    assert a == b and a != jobspec.job_name("s3://b/w|/other") and len(a) <= 63 and a == a.lower()
 
 
 def test_follow_returns_on_complete_after_transient_errors():
@@ -147,7 +147,7 @@ def test_follow_gives_up_on_deletion_persistent_errors_and_timeout():
 
 
 def test_create_adopts_an_existing_job_and_reports_other_errors():
-    body = launch.render_trainjob(spec(), "n", environ={})
+    body = jobspec.render_trainjob(spec(), "n", environ={})
     launch.create(FakeApi(create_status=409), body, "ns")  # a retried task: no error, follow it
     with pytest.raises(ServiceError, match="could not create TrainJob ns/n: HTTP 403"):
         launch.create(FakeApi(create_status=403), body, "ns")
@@ -156,18 +156,18 @@ def test_create_adopts_an_existing_job_and_reports_other_errors():
 def test_run_trainjob_creates_follows_and_fetches_the_model(tmp_path, monkeypatch):
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
-    (work / launch.WORK_OUT / MODEL).write_bytes(b"weights")
-    (work / launch.WORK_OUT / METRICS).write_text("{}")
+    (work / jobspec.WORK_OUT / MODEL).write_bytes(b"weights")
+    (work / jobspec.WORK_OUT / METRICS).write_text("{}")
     api = FakeApi([job(("Complete", "True", "", ""))])
-    monkeypatch.setattr(launch.TrainJobSpec, "check", lambda self: None)  # a local work dir stands in for S3
+    monkeypatch.setattr(jobspec.TrainJobSpec, "check", lambda self: None)  # a local work dir stands in for S3
     launch.run_trainjob(spec(work_uri=str(work)), str(tmp_path / "model"), namespace="ml", api=api, poll_s=0)
     ((_, _, namespace, _, body),) = api.created
-    assert namespace == "ml" and body["metadata"]["name"] == launch.job_name(f"{work}|{tmp_path / 'model'}")
+    assert namespace == "ml" and body["metadata"]["name"] == jobspec.job_name(f"{work}|{tmp_path / 'model'}")
     assert (tmp_path / "model" / MODEL).read_bytes() == b"weights"
 
 
 def test_run_trainjob_fails_when_the_job_left_no_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch.TrainJobSpec, "check", lambda self: None)
+    monkeypatch.setattr(jobspec.TrainJobSpec, "check", lambda self: None)
     api = FakeApi([job(("Complete", "True", "", ""))])
     with pytest.raises(ServiceError, match="left nothing under"):
         launch.run_trainjob(spec(work_uri=str(tmp_path)), str(tmp_path / "m"), namespace="ml", api=api, poll_s=0)
@@ -186,7 +186,7 @@ def _crd_validate():
 @pytest.mark.parametrize("gpus", [0, 8])
 def test_rendered_trainjob_validates_against_the_crd_schema_in_the_repo(gpus):
     validate_document = _crd_validate()
-    body = launch.render_trainjob(spec(gpus_per_node=gpus), "tasn-train-abc",
+    body = jobspec.render_trainjob(spec(gpus_per_node=gpus), "tasn-train-abc",
                                   environ={"MLFLOW_TRACKING_URI": "http://m:5000"})
     assert validate_document(body) == []
     bad = json.loads(json.dumps(body))
@@ -217,7 +217,7 @@ def test_node_trains_under_torchrun_with_resumable_checkpoints_and_node0_uploads
 
     monkeypatch.setattr(launch.subprocess, "call", fake_call)
     monkeypatch.setenv("PET_NODE_RANK", rank)
-    monkeypatch.setenv(launch.PARAMS_ENV, "train: {epochs: 2}\n")
+    monkeypatch.setenv(jobspec.PARAMS_ENV, "train: {epochs: 2}\n")
     args = ["--data-uri", str(data), "--work-uri", str(work), "--profile", "cub", "-S", "train.lr=0.1"]
     assert launch.node_main(args) == 0
     argv = seen["argv"]
@@ -225,7 +225,7 @@ def test_node_trains_under_torchrun_with_resumable_checkpoints_and_node0_uploads
     assert seen["data"] == [MANIFEST, f"{SHARDS}/0.tar"] and seen["params"] == "train: {epochs: 2}\n"
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
     assert sets == ["train.lr=0.1", f"train.checkpoint_dir={work}/{CHECKPOINTS}", "train.resume=auto"]
-    assert (work / launch.WORK_OUT / MODEL).exists() == uploads
+    assert (work / jobspec.WORK_OUT / MODEL).exists() == uploads
 
 
 def test_node_fails_on_missing_data_and_passes_the_trainers_exit_code(tmp_path, monkeypatch):
@@ -239,17 +239,17 @@ def test_node_fails_on_missing_data_and_passes_the_trainers_exit_code(tmp_path, 
 
 
 def test_render_pytorchjob_master_and_workers():
-    body = launch.render_job(spec(kind="PyTorchJob"), "tasn-train-x", environ={})
+    body = jobspec.render_job(spec(kind="PyTorchJob"), "tasn-train-x", environ={})
     assert body["apiVersion"] == "kubeflow.org/v1" and body["kind"] == "PyTorchJob"
     replicas = body["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2  # 3 nodes
     (container,) = replicas["Worker"]["template"]["spec"]["containers"]
     assert container["name"] == "pytorch" and container["command"] == ["python", "-m", "tasn.launch", "node"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8 and body["spec"]["nprocPerNode"] == "8"
-    single = launch.render_job(spec(kind="PyTorchJob", num_nodes=1), "n", environ={})
+    single = jobspec.render_job(spec(kind="PyTorchJob", num_nodes=1), "n", environ={})
     assert list(single["spec"]["pytorchReplicaSpecs"]) == ["Master"]
     with pytest.raises(TASNError, match="job kind must be one of TrainJob, PyTorchJob"):
-        launch.render_job(spec(kind="MPIJob"), "n", environ={})
+        jobspec.render_job(spec(kind="MPIJob"), "n", environ={})
 
 
 def test_follow_a_pytorchjob_until_succeeded():
@@ -264,7 +264,7 @@ def test_follow_a_pytorchjob_until_succeeded():
 @pytest.mark.parametrize("nodes", [1, 4])
 def test_rendered_pytorchjob_validates_against_the_crd_schema_in_the_repo(nodes):
     validate_document = _crd_validate()
-    body = launch.render_job(spec(kind="PyTorchJob", num_nodes=nodes), "tasn-train-abc", environ={})
+    body = jobspec.render_job(spec(kind="PyTorchJob", num_nodes=nodes), "tasn-train-abc", environ={})
     assert validate_document(body) == []
     bad = json.loads(json.dumps(body))
     bad["spec"]["nprocPerNode"] = 8  # a string in training-operator v1
@@ -285,7 +285,7 @@ def test_delete_job_removes_the_runs_job_and_tolerates_its_absence(kind):
     api = FakeApi()
     assert launch.delete_job(api, "tasn-train-abc", "tasn", kind) is True
     ((group, version, namespace, plural, name, body),) = api.deleted
-    k = launch.KINDS[kind]
+    k = jobspec.KINDS[kind]
     assert (group, version, namespace, plural, name) == (k.group, k.version, "tasn", k.plural, "tasn-train-abc")
     assert body == {"propagationPolicy": "Foreground"}  # its pods go with it
     assert launch.delete_job(FakeApi(delete_status=404), "gone", "tasn", kind) is False
@@ -295,15 +295,15 @@ def test_delete_job_removes_the_runs_job_and_tolerates_its_absence(kind):
 
 def test_the_pipeline_names_the_job_after_its_run_so_the_exit_task_finds_it(tmp_path, monkeypatch):
     work = tmp_path / "work"
-    (work / launch.WORK_OUT).mkdir(parents=True)
-    (work / launch.WORK_OUT / MODEL).write_bytes(b"weights")
-    monkeypatch.setattr(launch.TrainJobSpec, "check", lambda self: None)
+    (work / jobspec.WORK_OUT).mkdir(parents=True)
+    (work / jobspec.WORK_OUT / MODEL).write_bytes(b"weights")
+    monkeypatch.setattr(jobspec.TrainJobSpec, "check", lambda self: None)
     api = FakeApi([job(("Complete", "True", "", ""))])
     launch.run_trainjob(spec(work_uri=str(work), kfp_run_id="run-7"), str(tmp_path / "m"), namespace="ml", api=api,
-                        poll_s=0, name=launch.job_name("run-7"))
+                        poll_s=0, name=jobspec.job_name("run-7"))
     ((_, _, _, _, body),) = api.created
-    assert body["metadata"]["name"] == launch.job_name("run-7")
+    assert body["metadata"]["name"] == jobspec.job_name("run-7")
     env = {e["name"]: e.get("value") for e in body["spec"]["trainer"]["env"]}
     assert env[lineage.KFP_RUN_ID_ENV] == "run-7"  # the nodes' MLflow run is tagged with the KFP run
-    launch.delete_job(api, launch.job_name("run-7"), "ml")
+    launch.delete_job(api, jobspec.job_name("run-7"), "ml")
     assert api.deleted[0][4] == body["metadata"]["name"]

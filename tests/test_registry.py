@@ -18,11 +18,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from fixtures.models import log_baseline
 from tasn import registry
 from tasn.cli import main
 from tasn.errors import ServiceError
-from tasn.model import Baseline
-from tasn.predict import Predictor, log_model
 from tasn.registry import lock
 
 pytestmark = pytest.mark.integration
@@ -37,15 +36,13 @@ def tracking(mlflow_server, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def runs(mlflow_server):
+def runs(mlflow_server, tmp_path_factory):
     """{data version: (run_id, model_uri)}: one real model, two runs tagged as `tasn train` does."""
     mlflow.set_tracking_uri(mlflow_server.url)
-    predictor = Predictor(Baseline(3, "resnet18-slim", out_size=32), ["cardinal", "jay", "wren"], input_size=32,
-                          resize=40)
     out = {}
     with mlflow.start_run() as run:
         mlflow.set_tags({"data.version": "d1", "git.commit": "c0ffee1"})
-        info = log_model(predictor)
+        info, _ = log_baseline(tmp_path_factory.mktemp("registry-model"))
     out["d1"] = (run.info.run_id, info.model_uri)
     with mlflow.start_run() as run:
         mlflow.set_tags({"data.version": "d2", "git.commit": "c0ffee2"})

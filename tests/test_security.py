@@ -33,7 +33,8 @@ from tasn import redact, storage, tracking
 from tasn.cli import main
 from tasn.config import TrackingConfig
 from tasn.errors import DataError, ServiceError
-from tasn.launch import PARAMS_ENV, WORK_OUT, node_main
+from tasn.jobspec import PARAMS_ENV, WORK_OUT
+from tasn.launch import node_main
 from tasn.registry import REGISTRATION, alias_holder
 from tasn.training.outputs import METRICS, RUN
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
-from tasn import checkpoint, tracking
+from tasn import checkpoint, lineage, tracking
 from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
 from tasn.predict import Predictor, from_checkpoint, load_predictor
@@ -47,6 +48,7 @@ def test_retry_survives_transient_failures_and_never_raises(caplog):
 
 
 def test_local_default_is_sqlite_with_artifacts_in_mlruns(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.DVC_ROOT_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     uri = tracking.setup(TrackingConfig())
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -55,14 +57,61 @@ def test_local_default_is_sqlite_with_artifacts_in_mlruns(tmp_path, monkeypatch)
     assert exp.artifact_location == (tmp_path / "mlruns").as_uri()
 
 
+def test_the_local_store_is_anchored_at_the_project_root(tmp_path, monkeypatch):
+    """From a subfolder of a checkout, and from DVC's temporary copy of it (DVC_ROOT names the
+    workspace), runs go to the one store at the workspace's root."""
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "outputs" / "train").mkdir(parents=True)
+    monkeypatch.delenv(tracking.DVC_ROOT_ENV, raising=False)
+    monkeypatch.chdir(repo / "outputs" / "train")
+    assert tracking.resolve_uri(TrackingConfig()) == f"sqlite:///{repo / 'mlflow.db'}"
+    assert tracking.local_artifact_root() == (repo / "mlruns").as_uri()
+    temp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc"
+    temp_copy.mkdir(parents=True)
+    (temp_copy / ".dvc").mkdir()
+    monkeypatch.chdir(temp_copy)
+    monkeypatch.setenv(tracking.DVC_ROOT_ENV, str(repo))
+    assert tracking.resolve_uri(TrackingConfig()) == f"sqlite:///{repo / 'mlflow.db'}"
+    assert tracking.resolve_uri(TrackingConfig(uri="http://mlflow:5000")) == "http://mlflow:5000"
+
+
+def test_run_names_tell_runs_apart_or_are_the_dvc_experiment(monkeypatch):
+    monkeypatch.delenv(tracking.DVC_EXP_ENV, raising=False)
+    names = {tracking.run_name("tasn", "resnet18-slim", 112) for _ in range(20)}
+    assert len(names) == 20 and all(re.fullmatch(r"tasn-resnet18-slim-out112-[0-9a-f]{6}", n) for n in names)
+    monkeypatch.setenv(tracking.DVC_EXP_ENV, "sulky-doze")
+    assert tracking.run_name("baseline", "resnet50", 224) == "sulky-doze"
+
+
+def test_context_tags_name_the_pipeline_run(monkeypatch):
+    monkeypatch.delenv(tracking.DVC_EXP_ENV, raising=False)
+    monkeypatch.delenv(tracking.KFP_RUN_ID_ENV, raising=False)
+    assert tracking.context_tags() == {}
+    monkeypatch.setenv(tracking.KFP_RUN_ID_ENV, "run-7f3")
+    monkeypatch.setenv(tracking.DVC_EXP_ENV, "sulky-doze")
+    assert tracking.context_tags() == {"kfp.run_id": "run-7f3", "dvc.exp_name": "sulky-doze"}
+
+
+def test_a_data_version_is_the_dataset_digest():
+    md5 = "87531ab04cff36c47da29bf5b3817baf.dir"
+    assert tracking.dataset_digest(md5) == md5  # 36 characters: fits MLflow's digest column
+    listing = "s3-listing-sha256:" + "ab" * 32
+    assert tracking.dataset_digest(listing) == ("ab" * 32)[:36]
+    ds = tracking.dataset("/data/prepared", md5)
+    assert (ds.name, ds.digest, ds.source.uri) == ("prepared", md5, "/data/prepared")
+    assert tracking.dataset("/data/prepared", "untracked").digest != "untracked"  # MLflow's own then
+
+
 def test_unreachable_server_fails_fast_before_training(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     cfg = smoke_config(f"tracking.uri=http://127.0.0.1:{port}")
-    out = tmp_path / "out"
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
     with pytest.raises(ServiceError, match=f"127.0.0.1:{port} is not reachable"):
-        train(cfg, tmp_path, out)
+        train(cfg, data, out)
     assert not out.exists()  # nothing started, nothing written
 
 
@@ -93,7 +142,10 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     # the whole resolved config as params
     assert set(cfg.flat()) <= set(run.data.params)
     assert run.data.params["model.kind"] == "tasn" and run.data.params["train.max_steps"] == "2"
-    assert run.data.tags["git.commit"] and "data.version" in run.data.tags
+    assert run.data.tags[tracking.GIT_COMMIT_TAG] == lineage.git_commit() and "data.version" in run.data.tags
+    assert "git.commit" not in run.data.tags  # MLflow's own tag, not a duplicate
+    (used,) = run.inputs.dataset_inputs
+    assert json.loads(used.dataset.source)["uri"] == str(smoke_data.resolve())
     # every loss term, lr, throughput, per-head accuracy
     for name in ("loss", "loss_attention", "loss_part", "loss_master", "loss_part_aux", "loss_master_aux",
                  "loss_distill", "lr", "images_per_s", "val_loss", "top1",
@@ -115,8 +167,8 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     local_model, _ = checkpoint.load_model(str(out / MODEL))
     for key, value in checkpoint.load_checkpoint(ckpt)["model"].items():
         assert torch.equal(value, local_model.state_dict()[key]), key
-    # the logged model loads with mlflow.pytorch and predicts like model.pt does
-    predictor = load_predictor(run_info["model_uri"])
+    # the logged model loads (weights only) and predicts like model.pt does
+    predictor = load_predictor(run_info["model_uri"]).predictor
     assert isinstance(predictor, Predictor)
     images = sorted((smoke_data.parent / "raw" / "images").rglob("*.jpg"))[:3]
     got = predictor.predict(images, topk=2)

@@ -41,9 +41,12 @@ def _import_folder(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tasn.data.validate import validate
+    from tasn.data.validate import validate, write_suite
 
     cfg = config_from_args(args)
+    if args.write_suite:
+        print_json([str(p) for p in write_suite(cfg.validate, args.write_suite)])
+        return 0
     print_json(validate(args.data or cfg.data.raw, args.report_dir or cfg.data.validated, cfg.validate).summary)
     return 0
 
@@ -93,6 +96,8 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="DIR", help="raw CUB-layout dataset (default: data.raw)")
     p.add_argument("--report-dir", default=None, metavar="DIR",
                    help="summary, HTML report and manifest (default: data.validated)")
+    p.add_argument("--write-suite", nargs="?", const="gx/expectations", default=None, metavar="DIR",
+                   help="write the suite as GX suite files (default DIR: %(const)s) instead of validating")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("preprocess", parents=[common],

@@ -28,7 +28,8 @@ def _predict(args: argparse.Namespace) -> int:
 def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("predict", parents=[common], help="top-k classes of raw images with a logged model")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--model", required=True, metavar="URI", help="e.g. models:/tasn@staging, runs:/ID/model")
+    p.add_argument("--model", required=True, metavar="URI",
+                   help="e.g. models:/tasn@staging, runs:/ID/model, or a model.pt")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
     p.set_defaults(func=_predict)

@@ -203,6 +203,9 @@ class RegisterConfig:
     model_name: str = "tasn"
     primary_metric: str = "master_aux_top1"
     alias: str = "staging"
+    # `tasn register --promote` (the dvc.yaml stage) runs the staging gate; false: register only.
+    # A DVC experiment (`dvc exp run`) never runs it, whatever this says.
+    promote: bool = True
 
 
 @dataclass

@@ -4,10 +4,20 @@ The suite is the contract a raw dataset must meet before anything trains on it. 
 about single images run over the manifest (one row per listed image; one more table holds every
 file under images/, to catch unlisted ones); rules about the dataset as a whole run over small
 per-class and per-split tables. Every failed rule names each offending file (or class) with the
-value that broke it. Outputs (`summary.json`, `report.html`, `manifest.parquet`) go to the report
-directory atomically on success; on failure they go to `<report-dir>-failed/` instead, so the last
-good report is never overwritten, and the command exits non-zero. great-expectations is imported
-when the suite first runs (`_gx`): it takes seconds, and nothing else needs it.
+value that broke it. Outputs (`summary.json`, `report.html`, `manifest.parquet`, and GX Data Docs
+in `data_docs/`) go to the report directory atomically on success; on failure they go to
+`<report-dir>-failed/` instead, so the last good report is never overwritten, and the command exits
+non-zero. great-expectations is imported when the suite first runs (`_gx`): it takes seconds, and
+nothing else needs it.
+
+The suite as great-expectations users keep it: one GX suite file per table under `gx/expectations/`
+(`tasn_images.json`, ...), generated from the rules below with params.yaml's bounds
+(`tasn validate --write-suite`; tests/test_gx_suite.py fails when the files are not current), so a
+change of a rule or a bound shows up in review as a diff of the suite. Values known only from the
+data (the class ids of classes.txt) are GX suite parameters (`{"$PARAMETER": "class_ids"}`). Each
+run renders its results as GX Data Docs (`data_docs/index.html`); `report.html` is the page to open
+first: the verdict, each rule with its offenders explained, and what Data Docs cannot show (the
+picture of image sizes and class balance, the per-class counts), linking to the Data Docs pages.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import os
 import shutil
@@ -42,7 +53,12 @@ MAX_LISTED = 50  # offenders spelled out per rule in the error message (all are 
 SUMMARY = "summary.json"  # the verdict, counts and every rule's offenders
 REPORT = "report.html"  # the same for people, with a picture of the data
 MANIFEST = "manifest.parquet"  # one row per file under images/ (what the rules ran on)
+DATA_DOCS = "data_docs"  # GX Data Docs of the run: index.html, expectations/, validations/
 FAILED_SUFFIX = "-failed"  # a failed run's report goes to <report-dir>-failed/
+SUITE_DIR = Path("gx") / "expectations"  # the suite files, relative to the project (`--write-suite`)
+SUITE_PREFIX = "tasn_"  # suite of table T: tasn_T, in SUITE_DIR/tasn_T.json
+CLASS_IDS = "class_ids"  # the suite parameter holding the ids of classes.txt
+SITE = "tasn"  # the Data Docs site's name
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,8 @@ def _gx() -> ModuleType:
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations
 
+    # this one module sets its own logger to INFO and says so for every context it makes
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     return great_expectations
 
 
@@ -90,7 +108,7 @@ def rules(cfg: ValidateConfig, class_ids: list[int]) -> list[Rule]:
              lambda: E.ExpectColumnValuesToNotBeNull(column="class_id"),
              lambda r: f"image id {r.image_id} has no line in {LABELS_TXT}"),
         Rule("label_in_range", "labels are classes of classes.txt", "images",
-             lambda: E.ExpectColumnValuesToBeInSet(column="class_id", value_set=list(class_ids)),
+             lambda: E.ExpectColumnValuesToBeInSet(column="class_id", value_set={"$PARAMETER": CLASS_IDS}),
              lambda r: f"label id {r.class_id} out of range (classes.txt has ids {lo}..{hi})"),
         Rule("has_split", "every image is in a split", "images",
              lambda: E.ExpectColumnValuesToNotBeNull(column="split"),
@@ -160,28 +178,99 @@ def _plain(df: pd.DataFrame) -> pd.DataFrame:
     return df.astype(object).where(df.notna(), None)
 
 
-def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule]) -> list[dict[str, Any]]:
-    """Run every rule through great-expectations; return one result per rule with its offenders."""
+def _context() -> Any:
+    """An in-memory great-expectations context, its progress bars off (GX needs an active
+    context even to build a suite)."""
     gx = _gx()
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False,
                                                                                 metric_calculations=False)
+    return ctx
+
+
+def suites(suite_rules: list[Rule]) -> dict[str, Any]:
+    """One great-expectations ExpectationSuite per table (`tasn_<table>`), each expectation
+    carrying its rule id (`meta.rule`) and title (`notes`, which Data Docs show). Call with a
+    context active (`_context`)."""
+    gx = _gx()
+    out: dict[str, Any] = {}
+    for rule in suite_rules:
+        suite = out.setdefault(rule.table, gx.ExpectationSuite(
+            name=SUITE_PREFIX + rule.table,
+            notes=f"The rules `tasn validate` runs on its `{rule.table}` table (tasn/data/validate.py), with the "
+                  "bounds of params.yaml `validate`; written by `tasn validate --write-suite`."))
+        exp = rule.expectation()
+        exp.meta = {"rule": rule.id}
+        exp.notes = rule.title
+        suite.add_expectation(exp)
+    return out
+
+
+def _without_ids(obj: Any) -> Any:
+    """A suite's JSON without the random ids GX gives it and its expectations (stable files)."""
+    if isinstance(obj, dict):
+        return {k: _without_ids(v) for k, v in obj.items() if k != "id"}
+    if isinstance(obj, list):
+        return [_without_ids(v) for v in obj]
+    return obj
+
+
+def suite_files(cfg: ValidateConfig) -> dict[str, str]:
+    """File name -> text of each GX suite file for `cfg`'s bounds (what `--write-suite` writes)."""
+    _context()
+    return {f"{suite.name}.json": json.dumps(_without_ids(suite.to_json_dict()), indent=2) + "\n"
+            for suite in suites(rules(cfg, [])).values()}
+
+
+def write_suite(cfg: ValidateConfig, dest: str | os.PathLike[str] = SUITE_DIR) -> list[Path]:
+    """Write the suite files to `dest` (default gx/expectations), removing stale tasn_*.json."""
+    check(cfg, "validate.")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    files = suite_files(cfg)
+    for old in dest.glob(f"{SUITE_PREFIX}*.json"):
+        if old.name not in files:
+            old.unlink()
+    return [atomic_write_text(dest / name, text) for name, text in files.items()]
+
+
+@dataclass
+class SuiteRun:
+    """The results of one run of the suite, one per rule with its offenders, and the
+    great-expectations context that holds them (for the Data Docs)."""
+
+    results: list[dict[str, Any]]
+    context: Any
+
+    def write_data_docs(self, dest: Path) -> None:
+        """Render the run as GX Data Docs in `dest` (index.html, one page per suite and result)."""
+        self.context.add_data_docs_site(site_name=SITE, site_config={
+            "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(dest.resolve())}})
+        self.context.build_data_docs(site_names=[SITE])
+
+
+def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule],
+              parameters: dict[str, Any] | None = None) -> SuiteRun:
+    """Run every rule through great-expectations (`parameters`: the suite parameters, e.g.
+    class_ids); one result per rule with its offenders."""
+    gx = _gx()
+    ctx = _context()
     source = ctx.data_sources.add_pandas("tasn")
+    built = suites(suite_rules)
+    run_id = gx.core.run_identifier.RunIdentifier(run_name="tasn-validate")  # Data Docs' run name
     results = []
     for name, table in tables.items():
-        mine = [r for r in suite_rules if r.table == name]
-        if not mine:
+        if name not in built:
             continue
+        mine = [r for r in suite_rules if r.table == name]
         batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
-        suite = ctx.suites.add(gx.ExpectationSuite(name=f"tasn_{name}"))
-        for rule in mine:
-            exp = rule.expectation()
-            exp.meta = {"rule": rule.id}
-            suite.add_expectation(exp)
-        batch = batch_def.get_batch(batch_parameters={"dataframe": _plain(table)})
+        definition = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch_def, suite=ctx.suites.add(built[name])))
         key = INDEX[name]
-        outcome = batch.validate(suite, result_format={"result_format": "COMPLETE",
-                                                       "unexpected_index_column_names": [key]})
+        outcome = definition.run(batch_parameters={"dataframe": _plain(table)}, expectation_parameters=parameters,
+                                 result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [key]},
+                                 run_id=run_id)
         by_rule = {r.expectation_config.meta["rule"]: r for r in outcome.results}
         lookup = table.drop_duplicates(subset=[key]).set_index(key, drop=False)
         for rule in mine:
@@ -193,7 +282,7 @@ def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule]) -> list[
             prefix = "images/" if key == "path" else ""
             offenders = [f"{prefix}{k}: {rule.detail(lookup.loc[k])}" for k in dict.fromkeys(keys)]
             results.append({"id": rule.id, "rule": rule.title, "passed": bool(res.success), "offenders": offenders})
-    return results
+    return SuiteRun(results, ctx)
 
 
 def _picture(manifest: pd.DataFrame, per_class: pd.DataFrame) -> str:
@@ -239,6 +328,8 @@ td,th{{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}} .v{{colo
 {summary['classes']} classes, {summary['files']} files under images/.
 {summary['failed_rules']} of {len(summary['rules'])} rules failed.</p>
 <h2>Rules</h2><table><tr><th></th><th>rule</th><th>offenders</th></tr>{rows}</table>
+<p>The great-expectations results, expectation by expectation:
+<a href="{DATA_DOCS}/index.html">Data Docs</a>.</p>
 {'<h2>Failures</h2>' + failures if failures else ''}
 <h2>Data</h2><img alt="image sizes and class counts"
  src="data:image/png;base64,{_picture(tables['images'], tables['classes'])}">
@@ -265,7 +356,9 @@ def validate(data_dir: str | os.PathLike[str], report_dir: str | os.PathLike[str
     layout = read_layout(data_dir)
     manifest = build_manifest(layout, cfg.workers, cfg.max_pixels)
     tables = dataset_tables(manifest, layout.classes)
-    results = run_suite(tables, rules(cfg, [int(c) for c in layout.classes["class_id"]]))
+    class_ids = [int(c) for c in layout.classes["class_id"]]
+    run = run_suite(tables, rules(cfg, class_ids), {CLASS_IDS: class_ids})
+    results = run.results
     failed = [r for r in results if not r["passed"]]
     images = tables["images"]
     summary = {
@@ -285,6 +378,7 @@ def validate(data_dir: str | os.PathLike[str], report_dir: str | os.PathLike[str
         manifest.to_parquet(tmp / MANIFEST, index=False)
         atomic_write_text(tmp / REPORT, render_html(summary, tables))
         atomic_write_json(tmp / SUMMARY, summary)
+        run.write_data_docs(tmp / DATA_DOCS)
     log.info("validated %d images in %.1f s: %s", len(images), time.perf_counter() - start,
              "passed" if not failed else "FAILED")
     if failed:

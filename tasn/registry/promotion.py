@@ -5,6 +5,8 @@ record (who, when, why, the previous holder, both metric values) as a version ta
 `promotion.<seq>` holding JSON; `seq` is a per-model sequence number handed out under the lock, so
 `tasn.registry.history` reads the promotions back in the order they happened. After moving the
 alias the holder is read back, which catches anyone moving it without the lock (e.g. by hand).
+The descriptions follow: the promoted version gets a line saying how it was promoted, the previous
+holder one saying the alias moved on, and the registered model's says who holds what now.
 """
 
 from __future__ import annotations
@@ -19,10 +21,20 @@ from typing import Any
 from mlflow import MlflowClient
 
 from tasn.errors import RegistryError, ServiceError
+from tasn.registry import describe
 from tasn.registry.gate import Outcome, judge, require_reason
 from tasn.registry.lock import Lease, promotion_lock
 from tasn.registry.tags import DATA_VERSION_TAG, PRODUCTION, PROMOTION_TAG, SEQ_TAG, UNKNOWN
-from tasn.registry.versions import actor, alias_holder, client, get_version, standing, utc_now
+from tasn.registry.versions import (
+    actor,
+    add_description_line,
+    alias_holder,
+    client,
+    get_version,
+    refresh_model_description,
+    standing,
+    utc_now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,4 +178,8 @@ def _move_alias(mc: MlflowClient, decision: Decision, run_id: str | None, lease:
             f"{holder.version if holder else 'nothing'} while version {decision.version} was being "
             "promoted: someone changes it without `tasn promote`; check `tasn registry history`"
         )
+    add_description_line(mc, decision.name, decision.version, describe.promotion_line(record))
+    if decision.incumbent_version and decision.incumbent_version != decision.version:
+        add_description_line(mc, decision.name, decision.incumbent_version, describe.displaced_line(record))
+    refresh_model_description(mc, decision.name)
     return dataclasses.replace(decision, applied=True, seq=seq)

@@ -35,8 +35,10 @@ def register(cfg: Config, run_json: str | os.PathLike[str], metrics_json: str | 
     """Register the model of the run in `run_json` (train's run.json) with the metrics of
     `metrics_json` (evaluate's metrics.json) as a new version of `name` (default
     `register.model_name`), in the MLflow store the run lives in unless `tracking.uri` says
-    otherwise; with `promote`, run the staging gate. Writes registration.json to `out_dir`.
-    A refusal is a recorded decision, not a failure."""
+    otherwise; with `promote`, run the staging gate, unless `register.promote` is false or this is
+    a DVC experiment (`dvc exp run` sets DVC_EXP_NAME): a sweep registers its versions and a person
+    promotes the one they pick, so no experiment moves the alias. Writes registration.json to
+    `out_dir`. A refusal is a recorded decision, not a failure."""
     run = tracking.RunInfo.read(run_json, "--run-json")
     metrics = read_json(metrics_json, "--metrics")
     if not (run.run_id and run.model_uri):
@@ -44,19 +46,29 @@ def register(cfg: Config, run_json: str | os.PathLike[str], metrics_json: str | 
         raise TASNError(f"--run-json {run_json}: no {' or '.join(missing)} (was the training run tracked in MLflow?)")
     tracking.setup(cfg.tracking, run.tracking_uri)
     model_name = name or cfg.register.model_name
-    mv = register_version(run.run_id, run.model_uri, metrics, model_name)
+    mv = register_version(run.run_id, run.model_uri, metrics, model_name, primary_metric=cfg.register.primary_metric)
     registration: dict[str, Any] = {
         "name": model_name, "version": str(mv.version), "run_id": run.run_id, "model_uri": run.model_uri,
         "primary_metric": cfg.register.primary_metric, "decision": "not gated",
-        "reason": "registered without --promote", "candidate": None, "incumbent": None,
+        "reason": not_gated_reason(cfg, promote, str(mv.version)), "candidate": None, "incumbent": None,
     }
     decision = None
-    if promote:
+    if promote and cfg.register.promote and not os.environ.get(tracking.DVC_EXP_ENV):
         decision = gate(model_name, mv.version, alias=cfg.register.alias, primary_metric=cfg.register.primary_metric)
         registration.update({k: v for k, v in decision.to_dict().items() if k != "name"})
     out = Path(out_dir)
     atomic_write_json(out / REGISTRATION, registration)
     return RegisterResult(out, registration, decision)
+
+
+def not_gated_reason(cfg: Config, promote: bool, version: str) -> str:
+    """Why `register` leaves the alias alone (what registration.json says when it does)."""
+    if not promote:
+        return "registered without --promote"
+    how = f"`tasn promote --version {version}` promotes it through the gate"
+    if not cfg.register.promote:
+        return f"register.promote is false: {how}"
+    return f"DVC experiment {os.environ.get(tracking.DVC_EXP_ENV)}: experiments never move {cfg.register.alias}; {how}"
 
 
 def promote(cfg: Config, version: str | None, *, name: str | None = None,

@@ -1,5 +1,5 @@
 """Model versions in the MLflow Model Registry: the client, registering a run's model, reading a
-version, its alias holder and its metric tags.
+version, its alias holder and its metric tags, and keeping the descriptions (`describe`) current.
 
 Uses MLflow's current tracking/registry URI unless given a client (`tasn.tracking.setup` sets it).
 """
@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from tasn import lineage
+from tasn import lineage, tracking
 from tasn.errors import RegistryError
+from tasn.registry import describe
 from tasn.registry.gate import Standing
 from tasn.registry.tags import DATA_VERSION_TAG, GIT_COMMIT_TAG, METRIC_TAG, RUN_ID_TAG, UNKNOWN, metric_tags
 
@@ -56,12 +57,16 @@ def register_version(
     metrics: dict[str, Any],
     name: str,
     *,
-    data_version_tag: str = "data.version",
-    git_commit_tags: tuple[str, ...] = ("git.commit", "mlflow.source.git.commit"),
+    primary_metric: str = "master_aux_top1",
+    data_version_tag: str = tracking.DATA_VERSION_TAG,
+    git_commit_tags: tuple[str, ...] = ("git.commit", tracking.GIT_COMMIT_TAG),
 ) -> ModelVersion:
     """Register `model_uri` (logged by run `run_id`) as a new version of `name`, tagged with the
-    metrics, the data version (the run's tag `data_version_tag`, set by `tasn train`) and the git
-    commit (the run's `git.commit` tag, else MLflow's source tag, else this checkout's HEAD)."""
+    metrics, the data version (the run's tag `data_version_tag`, set by `tasn train`), the git
+    commit (the run's `git.commit` tag, which runs logged before MLflow's own tag was set
+    explicitly carry, else `mlflow.source.git.commit`, else this checkout's HEAD) and the run's
+    Kubeflow run / DVC experiment tags; described in words (`describe.version_description`, with
+    `primary_metric` as the headline), and the registered model's description brought up to date."""
     mc = client()
     try:
         run = mc.get_run(run_id)
@@ -75,16 +80,24 @@ def register_version(
     commit = next((run_tags[t] for t in git_commit_tags if run_tags.get(t)), None)
     tags[GIT_COMMIT_TAG] = commit or lineage.git_commit() or UNKNOWN
     tags[RUN_ID_TAG] = run_id
+    context = {t: run_tags[t] for t in (tracking.KFP_RUN_TAG, tracking.DVC_EXP_TAG) if run_tags.get(t)}
     kfp_run = os.environ.get(lineage.KFP_RUN_ID_ENV)
     if kfp_run:  # a pipeline task, which KFP may retry after it registered: no second version
-        tags[lineage.KFP_RUN_TAG] = kfp_run
+        context[lineage.KFP_RUN_TAG] = kfp_run
         earlier = registered_in_run(mc, name, run_id, kfp_run)
         if earlier is not None:
             log.info("run %s is registered as %s version %s in KFP run %s already: reusing it", run_id, name,
                      earlier.version, kfp_run)
             return earlier
+    tags.update(context)
     try:
         mv = mlflow.register_model(model_uri, name, tags=tags)
+        text = describe.version_description(
+            params=run.data.params, run_name=run.info.run_name or run_id, run_id=run_id,
+            data_version=tags[DATA_VERSION_TAG], metrics=metrics, primary_metric=primary_metric,
+            commit=tags[GIT_COMMIT_TAG], context=context)
+        mv = mc.update_model_version(name, str(mv.version), description=text)
+        refresh_model_description(mc, name)
     except MlflowException as exc:
         raise RegistryError(f"registering {model_uri} as {name!r} failed: {exc.message}") from exc
     log.info("registered %s as %s version %s", model_uri, name, mv.version)
@@ -96,6 +109,20 @@ def registered_in_run(mc: MlflowClient, name: str, run_id: str, kfp_run: str) ->
     found = [mv for mv in mc.search_model_versions(f"name='{name}' and run_id='{run_id}'")
              if mv.tags.get(lineage.KFP_RUN_TAG) == kfp_run]
     return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def refresh_model_description(mc: MlflowClient, name: str) -> None:
+    """Rewrite the registered model's description with who holds each alias now."""
+    aliases = mc.get_registered_model(name).aliases or {}
+    holders = {alias: (str(v), get_version(mc, name, v).tags.get(DATA_VERSION_TAG, UNKNOWN))
+               for alias, v in aliases.items()}
+    mc.update_registered_model(name, description=describe.model_description(name, holders))
+
+
+def add_description_line(mc: MlflowClient, name: str, version: str, line: str) -> None:
+    """Append one line under the version's promotions (`describe.with_line`)."""
+    mv = get_version(mc, name, version)
+    mc.update_model_version(name, version, description=describe.with_line(mv.description, line))
 
 
 def get_version(mc: MlflowClient, name: str, version: str | int) -> ModelVersion:

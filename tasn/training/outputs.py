@@ -2,7 +2,8 @@
 
 Every file name is a constant here (the CLI, dvc.yaml, the KFP components and the tests use them).
 Rank 0 writes each file atomically at the end of the run; checkpoints and pictures are written
-during it. The model is also logged to the MLflow run, and `run.json` says where that run lives.
+during it. The model is also logged to the MLflow run, as the servable pyfunc of `tasn.serving`
+whose weights are this model.pt, and `run.json` says where that run and that model live.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from tasn import checkpoint, viz
 from tasn.config import Config
 from tasn.io import atomic_write_json, atomic_write_text
 from tasn.model.network import Network
-from tasn.predict import Predictor, log_model
+from tasn.predict import Predictor
+from tasn.serving import log_model
 from tasn.tracking import Run, RunInfo
 
 MODEL = "model.pt"  # weights + resolved config + class names (tasn.checkpoint.load_model reads it)
@@ -79,7 +81,7 @@ def write_outputs(out_dir: Path, model: Network, cfg: Config, classes: list[str]
             if (out_dir / name).exists():
                 run.log_artifact(out_dir / name)
         predictor = Predictor(model.cpu(), classes, cfg.model.input_size, cfg.preprocess.size)
-        logged = run.log_model(lambda: log_model(predictor))
+        logged = run.log_model(lambda: log_model(out_dir / MODEL, predictor, step=step))
         info = RunInfo(run.run_id, run.experiment_id, run.uri, logged.model_uri if logged else None)
     atomic_write_json(out_dir / RUN, info.to_dict())
     return TrainResult(out_dir, summary, info)

@@ -22,6 +22,7 @@ from tasn import checkpoint, distributed, lineage, tracking
 from tasn.config import Config, check
 from tasn.data.preprocess import SUMMARY
 from tasn.errors import DataError, TASNError
+from tasn.io import check_apart
 from tasn.model import build_loss, build_model
 from tasn.training.loop import Loop
 from tasn.training.modes import configure_determinism, place
@@ -44,6 +45,7 @@ def train(cfg: Config, data_dir: str | os.PathLike[str], out_dir: str | os.PathL
     data, out = Path(data_dir), Path(out_dir)
     if not data.is_dir():
         raise DataError(f"--data {data}: no such directory (run `tasn preprocess` first)")
+    check_apart(data, out, DataError, "--out")
     ctx = distributed.init()
     if not ctx.is_main:
         logging.getLogger("tasn").setLevel(logging.WARNING)
@@ -130,16 +132,20 @@ def resume_from(loop: Loop, resume: str) -> None:
 
 def start_run(cfg: Config, data_dir: Path, data_version: str | None, ctx: distributed.Context,
               run_id: str | None) -> tracking.Run:
-    """The MLflow run (continued when a checkpoint names one): lineage tags and the whole config.
-    `data.version` is set only when known (the registry reads a missing one as unknown)."""
+    """The MLflow run (continued when a checkpoint names one): lineage and context tags, the whole
+    config, the data as a dataset input. `data.version` is set only when known (the registry reads
+    a missing one as unknown)."""
     tags = {
-        "git.commit": lineage.git_commit(),
-        "data.version": data_version,
+        tracking.GIT_COMMIT_TAG: lineage.git_commit(),
+        tracking.DATA_VERSION_TAG: data_version,
         "data.path": str(data_dir),
         "model.kind": cfg.model.kind,
         "world_size": str(ctx.world_size),
         "device": str(ctx.device.type),
+        **tracking.context_tags(),
     }
-    run = tracking.Run(cfg.tracking, tags, run_id=run_id, run_name=f"{cfg.model.kind}-{cfg.model.backbone}")
+    m = cfg.model
+    run = tracking.Run(cfg.tracking, tags, run_id=run_id, run_name=tracking.run_name(m.kind, m.backbone, m.out_size))
     run.log_params({**cfg.flat(), "data.dir": str(data_dir), "world_size": ctx.world_size})
+    run.log_dataset(str(data_dir.resolve()), tags[tracking.DATA_VERSION_TAG])
     return run
