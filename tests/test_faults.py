@@ -181,7 +181,9 @@ def _slow_or_fail(job: tuple[int, str]) -> int:
         while not Path(folder, "started-1").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         raise ValueError("item 0 is bad")
-    Path(folder, f"started-{x}").write_text(str(os.getpid()))
+    mark = Path(folder, f".started-{x}")  # renamed into place: item 0 never sees a half-written pid
+    mark.write_text(str(os.getpid()))
+    mark.rename(Path(folder, f"started-{x}"))
     time.sleep(30)
     Path(folder, f"finished-{x}").touch()
     return x
