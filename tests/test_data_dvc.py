@@ -21,6 +21,7 @@ from tasn.data import fashion
 from tasn.data.dvc_remote import listing as dvc_listing
 from tasn.data.dvc_remote import materialize
 from tasn.data.layout import check_layout, read_layout
+from tasn.errors import DataError
 from test_data_support import tiny_synth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,3 +119,29 @@ def test_dvc_push_and_pull_round_trip_through_ceph_rgw(s3_server, tmp_path):
     shutil.rmtree(repo / ".dvc" / "cache")
     dvc(repo, "pull", "-q")
     assert _digest(repo / "data" / "raw") == before
+
+
+def _fake_remote(root: Path, relpaths: list[str]) -> Path:
+    """A DVC remote holding one tracked folder whose files are `relpaths` (each holding its own name)."""
+    def put(data: bytes, suffix: str = "") -> str:
+        md5 = hashlib.md5(data).hexdigest() + suffix
+        obj = root / "remote" / "files" / "md5" / md5[:2] / md5[2:]
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.write_bytes(data)
+        return md5
+
+    entries = [{"md5": put(rel.encode()), "relpath": rel} for rel in relpaths]
+    (root / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": put(json.dumps(entries).encode(), ".dir")}]}))
+    return root / "remote"
+
+
+def test_materialize_copies_inside_dest_and_refuses_a_listing_that_leads_out(tmp_path):
+    remote = _fake_remote(tmp_path, ["images/a.txt"])
+    out = materialize(tmp_path / "data.dvc", remote, tmp_path / "out")
+    copied = out / "images" / "a.txt"
+    assert copied.read_text() == "images/a.txt" and copied.stat().st_nlink == 1  # a copy: the remote stays as it is
+    for bad in ("../escape.txt", "/abs.txt", "images/../../escape.txt"):
+        remote = _fake_remote(tmp_path / bad.replace("/", "_"), ["images/ok.txt", bad])
+        with pytest.raises(DataError, match="data.dvc: path"):
+            materialize(remote.parent / "data.dvc", remote, remote.parent / "dest")
+        assert not (remote.parent / "escape.txt").exists() and not Path("/abs.txt").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from tasn.errors import DataError
+from tasn.io import path_problem
 
 
 def _object(remote: Path, digest: str) -> Path:
@@ -36,17 +37,18 @@ def listing(dvc_file: str | os.PathLike, remote: str | os.PathLike) -> list[dict
 
 def materialize(dvc_file: str | os.PathLike, remote: str | os.PathLike, dest: str | os.PathLike,
                 keep=lambda relpath: True) -> Path:
-    """Write the tracked folder's files for which `keep(relpath)` holds under `dest`, hard-linked
-    from the remote (copied when the remote is on another file system). Returns `dest`."""
+    """Copy the tracked folder's files for which `keep(relpath)` holds under `dest`, each path
+    checked to stay inside `dest` (`tasn.io.path_problem`). Copies, not hard links: a file written
+    to later must not change the remote's object. Returns `dest`."""
     remote, dest = Path(remote), Path(dest)
     for entry in listing(dvc_file, remote):
-        if not keep(entry["relpath"]):
+        rel = entry["relpath"]
+        if not keep(rel):
             continue
-        target = dest / entry["relpath"]
+        problem = path_problem(dest, rel)
+        if problem:
+            raise DataError(f"{dvc_file}: {problem}")
+        target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        source = _object(remote, entry["md5"])
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
+        shutil.copyfile(_object(remote, entry["md5"]), target)
     return dest
