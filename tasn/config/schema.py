@@ -187,6 +187,9 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: Annotated[int, Range(ge=0, le=100_000)] = 8
+    # at least this many optimizer steps: a set too small to reach them in `epochs` is trained for more
+    # epochs (step milestones stretched alike); 0 = exactly `epochs`
+    min_steps: Steps = 1200
     batch_size: Annotated[int, Range(ge=1, le=65_536)] = 32  # per process; the authors ran 8 x 12 = 96
     optimizer: Optimizer = "sgd"
     lr: Annotated[float, Range(gt=0, le=100)] = 0.1
@@ -210,6 +213,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | a checkpoint path or URI
     force_resume: bool = False  # resume even from a checkpoint of another config or data (its fingerprint differs)
     max_steps: Steps = 0  # 0 = no limit (for smoke runs)
+    # share of the step budget after which a training loss still at its chance value is reported (0 = never)
+    chance_check: Annotated[float, Range(ge=0, le=1)] = 0.5
     log_every: Annotated[int, Range(ge=1, le=10**9)] = 5  # optimizer steps
     picture_images: Annotated[int, Range(ge=0, le=64)] = 4  # fixed validation images drawn each epoch
     jitter: Annotated[float, Range(ge=0, le=1)] = 0.0  # the authors': 0.4
