@@ -49,7 +49,9 @@ NODE_JOB = "node"  # the replicated job of the torch runtimes; podTemplateOverri
 PARAMS_ENV = "TASN_PARAMS_YAML"
 # Passed from the launcher's own environment to every node (values, never secrets).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-WORK_OUT = "out"  # node 0's outputs under work_uri (the job's checkpoints: <work_uri>/checkpoints)
+# Under a run's work prefix (`<work_uri>/<KFP run id>`): node 0's outputs, and the checkpoints that
+# `train.checkpoint_dir` points at (one node or many), so a retried task or restarted job resumes.
+WORK_OUT, WORK_CHECKPOINTS = "out", "checkpoints"
 
 
 @dataclass
