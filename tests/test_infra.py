@@ -34,6 +34,7 @@ INFRA = ROOT / "infra"
 sys.path.insert(0, str(INFRA / "crds"))
 import validate as crds  # noqa: E402  (infra/crds/validate.py)
 
+from pipelines.tasn_pipeline import S3_SECRET, S3_SECRET_KEYS  # noqa: E402  (what the tasks read S3 with)
 from tasn import jobspec  # noqa: E402  (its rendered jobs are pod templates too)
 
 OVERLAYS = ["local", "gpu"]
@@ -855,7 +856,7 @@ def test_network_params_drive_the_egress_policies(tmp_path):
     params = tree / "overlays" / "gpu" / "params.yaml"
     text = params.read_text()
     for key, value in {"s3Cidr": "10.20.30.0/24", "s3Port": "9443", "apiServerCidr": "10.0.0.1/32",
-                       "apiServerPort": "443"}.items():
+                       "apiServerPort": "443", "dnsServiceCidr": "10.43.0.10/32"}.items():
         text = re.sub(rf"^  {key}: .*$", f"  {key}: \"{value}\"", text, flags=re.M)
     params.write_text(text)
     docs = kustomize(tree / "overlays" / "gpu")
@@ -863,6 +864,23 @@ def test_network_params_drive_the_egress_policies(tmp_path):
     api = _by(docs, "NetworkPolicy", "pipeline-runner-egress-to-apiserver")["spec"]["egress"][0]
     assert s3["to"] == [{"ipBlock": {"cidr": "10.20.30.0/24"}}] and s3["ports"] == [{"protocol": "TCP", "port": 9443}]
     assert api["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}] and api["ports"] == [{"protocol": "TCP", "port": 443}]
+    dns = _by(docs, "NetworkPolicy", "allow-dns")["spec"]["egress"][0]
+    assert dns["to"][0] == {"ipBlock": {"cidr": "10.43.0.10/32"}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_resolves_names_with_nodelocal_dnscache_too(rendered, overlay):
+    """NodeLocal DNSCache (kubernetes/dns, k8s-app: node-local-dns) runs with hostNetwork, so no
+    podSelector matches it; pods reach it at its link-local address 169.254.20.10 or, in its
+    default iptables mode, at the kube-dns ClusterIP it answers without DNAT. Port 53 only."""
+    policies = [d for d in rendered[overlay] if d["kind"] == "NetworkPolicy"]
+    cluster_ip = Peer(None, cidr=_params(overlay)["dnsServiceCidr"])
+    node_local = Peer(None, cidr="169.254.20.10/32")
+    for pod in [p for p in _pods(rendered) if p.where.startswith(overlay + " ")]:
+        src = Peer.pod(pod.namespace, pod.labels)
+        for dns in (cluster_ip, node_local, Peer.pod("kube-system", {"k8s-app": "kube-dns"})):
+            assert _allowed(policies, src, dns, 53, "UDP") and _allowed(policies, src, dns, 53, "TCP"), pod.where
+            assert not _allowed(policies, src, dns, 443), pod.where
 
 
 # --- the Kubeflow profile namespace ---------------------------------------------------------------
@@ -870,15 +888,59 @@ def test_network_params_drive_the_egress_policies(tmp_path):
 def test_profile_gets_the_client_config_and_tasn_admits_it(rendered, profile):
     in_profile = {d["metadata"]["name"]: d for d in profile if d["metadata"].get("namespace") == PROFILE_NS}
     in_tasn = {(d["kind"], d["metadata"]["name"]): d for d in profile if d["metadata"].get("namespace") == NAMESPACE}
-    assert set(in_profile) == {"tasn-s3-config", "tasn-mlflow-config"}
+    assert set(in_profile) == {"tasn-s3-config", "tasn-mlflow-config", "kfp-launcher"}
     assert set(in_tasn) == {("NetworkPolicy", f"mlflow-ingress-from-profile.{PROFILE_NS}"),
                             ("RoleBinding", f"tasn-pipeline-runner.{PROFILE_NS}")}
     tasn_side = _configmaps(rendered["gpu"], NAMESPACE)
-    for name, cm in in_profile.items():
-        assert cm["data"] == tasn_side[name], f"{name} differs between the profile and tasn"
+    for name in ("tasn-s3-config", "tasn-mlflow-config"):
+        assert in_profile[name]["data"] == tasn_side[name], f"{name} differs between the profile and tasn"
     binding = in_tasn[("RoleBinding", f"tasn-pipeline-runner.{PROFILE_NS}")]
     assert binding["roleRef"]["name"] == "tasn-pipeline-runner" and binding["roleRef"]["kind"] == "Role"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": PROFILE_NS}]
+
+
+def s3_session(providers_text: str, path: str) -> dict[str, str]:
+    """kubeflow/pipelines 2.17.0 backend/src/v2/config/env.go (Config.getBucketProviders, a YAML
+    `providers` key of the ConfigMap kfp-launcher) and config/s3.go (S3ProviderConfig.
+    ProvideSessionInfo): the session the driver gives the launcher for an s3:// pipeline root.
+    No provider, or no default: fromEnv, i.e. the pod's own environment."""
+    s3 = (yaml.safe_load(providers_text) or {}).get("s3") or {}
+    bucket, _, prefix = path.removeprefix("s3://").partition("/")
+    default, overrides = s3.get("default"), s3.get("overrides") or s3.get("Overrides")
+    if default is None and overrides is None:
+        return {"fromEnv": "true"}
+    assert default and default.get("credentials"), "invalid provider config: missing default credentials"
+    params = {"endpoint": default.get("endpoint", ""), "region": default.get("region", ""),
+              "disableSSL": str(default.get("disableSSL", False)).lower(),
+              "forcePathStyle": str(default.get("forcePathStyle", True)).lower(),
+              "fromEnv": str(default["credentials"].get("fromEnv", False)).lower()}
+    if params["fromEnv"] == "false":
+        ref = default["credentials"]["secretRef"]
+        params.update(secretName=ref["secretName"], accessKeyKey=ref["accessKeyKey"], secretKeyKey=ref["secretKeyKey"])
+    for override in overrides or []:
+        assert not (override["bucketName"] == bucket and prefix.startswith(override.get("keyPrefix", ""))), \
+            "an override applies: extend this port before relying on it"
+    return params
+
+
+def test_the_launcher_opens_the_pipeline_root_with_the_profiles_s3_secret(profile):
+    """Without `providers` an s3:// root is opened fromEnv, i.e. with keys only some tasks' pods have
+    (backend/src/v2/objectstore/object_store.go, createS3BucketSession). The profile's kfp-launcher
+    gives every task's launcher the S3 endpoint and region of tasn-s3-config and the keys of the
+    Secret the pipeline's tasks use, for the default root, in the bucket the data lives in."""
+    (launcher,) = [d for d in profile if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kfp-launcher"]
+    assert launcher["metadata"]["namespace"] == PROFILE_NS  # the driver reads its own namespace's (env.go)
+    client = _configmaps(profile, PROFILE_NS)["tasn-s3-config"]
+    root = launcher["data"]["defaultPipelineRoot"]
+    assert root.startswith(f"s3://{client['TASN_S3_BUCKET']}/") and client["TASN_WORK_URI"].startswith(
+        f"s3://{client['TASN_S3_BUCKET']}/")
+    session = s3_session(launcher["data"]["providers"], root)
+    assert session["fromEnv"] == "false"
+    assert (session["endpoint"], session["region"]) == (client["AWS_ENDPOINT_URL"], client["AWS_DEFAULT_REGION"])
+    assert session["disableSSL"] == str(client["AWS_ENDPOINT_URL"].startswith("http://")).lower()
+    assert session["secretName"] == S3_SECRET
+    assert {session["accessKeyKey"], session["secretKeyKey"]} == set(S3_SECRET_KEYS) <= _secret_templates()[S3_SECRET]
+    assert s3_session("", root) == {"fromEnv": "true"}  # what the profile had before
 
 
 def test_profile_namespace_is_one_parameter(tmp_path):
