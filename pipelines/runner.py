@@ -24,7 +24,14 @@ from kfp import compiler, local
 
 from pipelines.server import check_server, find_pipeline, server_info
 from pipelines.stage_configs import refuse_credentials, stage_configs
-from pipelines.tasn_pipeline import MLFLOW_SECRET, PIPELINE_NAME, S3_SECRET, build_pipeline, tasn_pipeline
+from pipelines.tasn_pipeline import (
+    MLFLOW_SECRET,
+    PIPELINE_NAME,
+    RUN_WINDOW_S,
+    S3_SECRET,
+    build_pipeline,
+    tasn_pipeline,
+)
 from tasn import lineage
 from tasn.config import Config, load_config
 from tasn.errors import ServiceError, TASNError
@@ -35,7 +42,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 COMPILED = PROJECT_ROOT / "pipelines" / "tasn_pipeline.yaml"
 # The states in which a KFP run has ended (V2beta1RuntimeState); only SUCCEEDED is a success.
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")
-WAIT_TIMEOUT_S = 8 * 24 * 3600.0  # longer than the train task's own timeout (TIMEOUTS["train"])
+WAIT_TIMEOUT_S = float(RUN_WINDOW_S)  # a run retried as often and as long as its tasks may be
 POLL_S = 30.0  # between two looks at a run `submit --wait` follows
 
 

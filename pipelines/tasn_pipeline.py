@@ -111,6 +111,8 @@ def retry_window(timeout_s: int, retries: int) -> int:
 
 
 PROMOTE_RETRIES = retries_outlasting(LOCK_LEASE_S)
+# The longest a run can take: every task's whole retry window, one after the other (an upper bound).
+RUN_WINDOW_S = sum(retry_window(t, max(RETRIES, PROMOTE_RETRIES)) for t in TIMEOUTS.values())
 
 
 def build_pipeline(retries: int = RETRIES):

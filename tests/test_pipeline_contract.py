@@ -238,6 +238,9 @@ def test_each_retry_window_lets_every_attempt_run_to_its_own_deadline(spec, exec
             assert len(attempts) == retries + 1, (name, fail_at, attempts)
         ran = [r for _, r in argo_attempts(strategy, timeout, [(float("inf"), "Failed")] * (retries + 1))]
         assert ran == [timeout] * (retries + 1), (name, ran)
+    # `submit --wait` follows a run for as long as its tasks may retry
+    assert runner.WAIT_TIMEOUT_S > sum(float(tasks[n]["retryPolicy"]["backoffMaxDuration"].rstrip("s"))
+                                       for n in ("validate", "preprocess", "train", "evaluate", "register"))
 
 
 KFP_ARGO_PATCH = ROOT / "infra" / "k8s" / "kfp-argo" / "workflow-defaults.yaml"
