@@ -190,7 +190,7 @@ class Loop:
         take = getattr(self.net, "take_nonfinite_attention", None)  # TASN; the baseline has no attention
         count = torch.tensor(float(take() if take else 0), dtype=torch.float64, device=self.ctx.device)
         n = int(distributed.all_reduce_sum(count))
-        if n:
+        if n and self.ctx.is_main:
             log.warning("step %d: %d training image(s) since the last log had NaN or Inf attention maps and were "
                         "resized plainly by the sampler (a diverging attention net? try a lower train.lr)",
                         self.pos.step, n)
