@@ -9,7 +9,7 @@ keeps the two in step. What the cluster needs is set here, per task, the Kuberne
   MLflow address and credentials for the tasks that talk to MLflow, from the ConfigMaps and Secrets
   `infra/k8s` creates (their names are pipeline parameters); those tasks also carry the pod label
   the MLflow NetworkPolicy admits (`tasn/mlflow-client`);
-- requests and limits and a timeout on every task; the GPU nodes' selector and toleration on a
+- requests and limits, a timeout and a /tmp volume on every task (the image's root is read-only); the GPU nodes' selector and toleration on a
   single-node GPU train task (computed by `train-plan`, since KFP has no arithmetic on parameters);
 - caching per stage: validate and preprocess are cached on their own config section and the data
   version of `data_uri` (the data-version task), so `-S train.lr=...` reruns train and what follows,
@@ -87,6 +87,9 @@ def build_pipeline(retries: int = RETRIES):
         """Image, requests = limits, timeout, retries with backoff, caching: what every task sets."""
         task.set_container_image(image)
         task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+        # The image runs on a read-only root: the executor's `sh -ec` wrapper (mktemp -d) and KFP's
+        # output parameter files (/tmp/kfp/outputs) need a writable /tmp.
+        kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path="/tmp")
         kubernetes.set_timeout(task, TIMEOUTS[name])
         kubernetes.add_pod_label(task, *RUNNER_LABEL)
         if retries:
