@@ -159,12 +159,21 @@ def make_debian_base(tag: str, engine: str, env: dict[str, str]) -> None:
         run([engine, "import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python3"]', str(tar), tag], env=env)
 
 
+def pip() -> list[str]:
+    """pip of this python, else of the project's virtual environment (a Debian python3 may have none)."""
+    for python in (sys.executable, str(ROOT / ".venv" / "bin" / "python")):
+        cmd = [python, "-m", "pip"]
+        if Path(python).exists() and subprocess.run([*cmd, "--version"], capture_output=True).returncode == 0:
+            return cmd
+    sys.exit("error: no pip to fetch uv's wheel with: apt-get install python3-pip, or `make install` first")
+
+
 def make_uv(tag: str, engine: str, env: dict[str, str]) -> None:
     """uv's binaries from its PyPI wheel (sha256-pinned in infra/docker/build-tools.lock) as an image
     with /uv and /uvx, the layout of ghcr.io/astral-sh/uv."""
     machine = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}[platform.machine()]
     with tempfile.TemporaryDirectory(prefix="tasn-uv-") as tmp:
-        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--require-hashes",
+        run([*pip(), "download", "--quiet", "--no-deps", "--only-binary=:all:", "--require-hashes",
              "--platform", f"manylinux_2_17_{machine}", "--python-version", "3.11", "-d", tmp, "-r", str(BUILD_TOOLS)])
         (wheel,) = Path(tmp).glob("uv-*.whl")
         tar = Path(tmp) / "uv.tar"
@@ -213,7 +222,7 @@ def resolve_base(ref: str, engine: str, env: dict[str, str], mode: str) -> tuple
 
 def pip_config() -> dict[str, str]:
     """`pip config list` as {key: value}, keys without their scope (global., :env:., user. ...)."""
-    res = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    res = subprocess.run([*pip(), "config", "list"], capture_output=True, text=True)
     out: dict[str, str] = {}
     for line in res.stdout.splitlines() if res.returncode == 0 else []:
         m = re.match(r"^[^.]*\.([\w-]+)='(.*)'$", line)
@@ -298,7 +307,7 @@ def prune_replaced(old: str, env: dict[str, str]) -> None:
     (untagged parents nothing else builds on) and refuses an image another image or a container uses;
     other images are never touched."""
     res = run(["podman", "rmi", old], env=env, check=False, capture=True)
-    gone = [line for line in res.stdout.split() if line.strip()]
+    gone = [line for line in res.stdout.splitlines() if line.startswith("Deleted")]
     say(f"removed the replaced image {old[:12]} and {max(len(gone) - 1, 0)} cache layer(s) only it used"
         if res.returncode == 0 else f"kept the replaced image {old[:12]}: {res.stderr.strip()[-200:]}")
 
@@ -331,9 +340,21 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("TASN_IMAGE_BASE", "auto"),
                         help="pinned bases from the registry, local stand-ins, or registry falling back to stand-ins "
                              "(default auto; $TASN_IMAGE_BASE)")
+    parser.add_argument("--if-possible", action="store_true",
+                        help="where no engine can run (not root and none installed), say why and exit 0: "
+                             "the image tests then skip with that reason (make test-image)")
     args = parser.parse_args(argv)
-    engine = choose_engine(args.engine)
-    env = engine_env(engine)
+    try:
+        engine = choose_engine(args.engine)
+        env = engine_env(engine)
+        res = run([engine, "info"], env=env, check=False, capture=True)
+        if res.returncode != 0:
+            sys.exit(f"error: {engine} cannot run here: {res.stderr.strip()[-500:]}")
+    except SystemExit as exc:
+        if not args.if_possible or not isinstance(exc.code, str):
+            raise
+        say(f"no image built: {exc.code.removeprefix('error: ')}")
+        return 0
     needs = VARIANTS[args.variant].needs
     if needs:
         build(needs, engine, env, args.base)
