@@ -45,6 +45,7 @@ APT_PACKAGES = ("podman", "runc", "mmdebstrap", "uidmap", "slirp4netns", "fuse-o
                 "containernetworking-plugins", "conmon", "catatonit")
 DEBIAN_BASE = ("python3", "python3-venv", "python-is-python3", "ca-certificates", "netbase", "tzdata")
 PULL_TIMEOUT_S = 90
+COMMIT_ENV, REVISION_LABEL = "TASN_GIT_COMMIT", "org.opencontainers.image.revision"  # the lineage models record
 
 
 @dataclass(frozen=True)
@@ -270,8 +271,13 @@ def git_commit() -> str:
 def build(variant: str, engine: str, env: dict[str, str], mode: str) -> None:
     spec = VARIANTS[variant]
     names = tags(variant)
+    commit = git_commit()
     cmd = [engine, "build", "-f", str(spec.dockerfile), "--build-arg", f"VERSION={project_version()}",
-           "--build-arg", f"GIT_COMMIT={git_commit()}"]
+           "--build-arg", f"GIT_COMMIT={commit}"]
+    if engine == "podman":
+        # podman 4.3 reuses a cached LABEL/ENV step whose build argument changed (seen: a new commit's
+        # image kept the previous commit's TASN_GIT_COMMIT): set the commit on the image itself too.
+        cmd += ["--env", f"{COMMIT_ENV}={commit}", "--label", f"{REVISION_LABEL}={commit}"]
     if spec.needs:
         cmd += ["--build-arg", f"BASE_IMAGE={tags(spec.needs)[1]}"]
     bases = []
@@ -298,8 +304,12 @@ def build(variant: str, engine: str, env: dict[str, str], mode: str) -> None:
     new = image_id(engine, names[0], env)
     if engine == "podman" and old and old != new:
         prune_replaced(old, env)
-    size = run([engine, "image", "inspect", "--format", "{{.Size}}", names[0]], env=env, capture=True).stdout.strip()
-    say(f"built {', '.join(names)} in {took / 60:.1f} min: {int(size) / 1e9:.2f} GB")
+    info = json.loads(run([engine, "image", "inspect", names[0]], env=env, capture=True).stdout)[0]
+    config = info.get("Config") or {}
+    recorded = ((config.get("Labels") or {}).get(REVISION_LABEL), f"{COMMIT_ENV}={commit}" in (config.get("Env") or []))
+    if recorded != (commit, True):
+        sys.exit(f"error: {names[0]} does not carry the commit {commit} (label, env: {recorded})")
+    say(f"built {', '.join(names)} in {took / 60:.1f} min: {int(info['Size']) / 1e9:.2f} GB, commit {commit[:12]}")
 
 
 def prune_replaced(old: str, env: dict[str, str]) -> None:
