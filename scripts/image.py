@@ -274,10 +274,6 @@ def build(variant: str, engine: str, env: dict[str, str], mode: str) -> None:
     commit = git_commit()
     cmd = [engine, "build", "-f", str(spec.dockerfile), "--build-arg", f"VERSION={project_version()}",
            "--build-arg", f"GIT_COMMIT={commit}"]
-    if engine == "podman":
-        # podman 4.3 reuses a cached LABEL/ENV step whose build argument changed (seen: a new commit's
-        # image kept the previous commit's TASN_GIT_COMMIT): set the commit on the image itself too.
-        cmd += ["--env", f"{COMMIT_ENV}={commit}", "--label", f"{REVISION_LABEL}={commit}"]
     if spec.needs:
         cmd += ["--build-arg", f"BASE_IMAGE={tags(spec.needs)[1]}"]
     bases = []
@@ -307,7 +303,7 @@ def build(variant: str, engine: str, env: dict[str, str], mode: str) -> None:
     info = json.loads(run([engine, "image", "inspect", names[0]], env=env, capture=True).stdout)[0]
     config = info.get("Config") or {}
     recorded = ((config.get("Labels") or {}).get(REVISION_LABEL), f"{COMMIT_ENV}={commit}" in (config.get("Env") or []))
-    if recorded != (commit, True):
+    if recorded != (commit, True):  # podman 4.3 can reuse a cached LABEL/ENV step (see Dockerfile.cpu)
         sys.exit(f"error: {names[0]} does not carry the commit {commit} (label, env: {recorded})")
     say(f"built {', '.join(names)} in {took / 60:.1f} min: {int(info['Size']) / 1e9:.2f} GB, commit {commit[:12]}")
 
