@@ -13,8 +13,9 @@ and uv's binary from its hash-pinned PyPI wheel for ghcr.io/astral-sh/uv. Inside
 reaches the package index this machine's pip is configured for (`pip config list`: the index, the
 local wheel folders, the CA bundle), given to the build as a mounted /etc/uv/uv.toml, never baked in.
 
-podman keeps every build's layers: after a build, the image the tags pointed at before and the cache
-layers only it used are removed (nothing else), so repeated builds do not fill the disk. Stdlib only:
+podman keeps every build's layers: after a build, what earlier builds left (the image the tags
+pointed at before, a build stage's last layer, the cache layers only they held) is removed, and
+nothing else, so repeated builds do not fill the disk. Stdlib only:
 it runs with the system python3, before the project's virtual environment exists.
 """
 
@@ -46,6 +47,7 @@ APT_PACKAGES = ("podman", "runc", "mmdebstrap", "uidmap", "slirp4netns", "fuse-o
 DEBIAN_BASE = ("python3", "python3-venv", "python-is-python3", "ca-certificates", "netbase", "tzdata")
 PULL_TIMEOUT_S = 90
 COMMIT_ENV, REVISION_LABEL = "TASN_GIT_COMMIT", "org.opencontainers.image.revision"  # the lineage models record
+BUILD_LABEL = "io.tasn.build"  # on every layer of these builds (Dockerfile.cpu)
 
 
 @dataclass(frozen=True)
@@ -293,13 +295,11 @@ def build(variant: str, engine: str, env: dict[str, str], mode: str) -> None:
             cmd += [arg for path in mounts for arg in ("-v", f"{path}:{path}:ro")]
         for name in names:
             cmd += ["-t", name]
-        old = image_id(engine, names[0], env)
         started = time.monotonic()
         run([*cmd, str(ROOT)], env=env)
     took = time.monotonic() - started
-    new = image_id(engine, names[0], env)
-    if engine == "podman" and old and old != new:
-        prune_replaced(old, env)
+    if engine == "podman":
+        prune_leftovers(env)
     info = json.loads(run([engine, "image", "inspect", names[0]], env=env, capture=True).stdout)[0]
     config = info.get("Config") or {}
     recorded = ((config.get("Labels") or {}).get(REVISION_LABEL), f"{COMMIT_ENV}={commit}" in (config.get("Env") or []))
@@ -308,14 +308,16 @@ def build(variant: str, engine: str, env: dict[str, str], mode: str) -> None:
     say(f"built {', '.join(names)} in {took / 60:.1f} min: {int(info['Size']) / 1e9:.2f} GB, commit {commit[:12]}")
 
 
-def prune_replaced(old: str, env: dict[str, str]) -> None:
-    """Remove the image a rebuild replaced. `podman rmi` takes along the cache layers only it used
-    (untagged parents nothing else builds on) and refuses an image another image or a container uses;
-    other images are never touched."""
-    res = run(["podman", "rmi", old], env=env, check=False, capture=True)
-    gone = [line for line in res.stdout.splitlines() if line.startswith("Deleted")]
-    say(f"removed the replaced image {old[:12]} and {max(len(gone) - 1, 0)} cache layer(s) only it used"
-        if res.returncode == 0 else f"kept the replaced image {old[:12]}: {res.stderr.strip()[-200:]}")
+def prune_leftovers(env: dict[str, str]) -> None:
+    """Remove what earlier builds of these Dockerfiles left behind and nothing else: the untagged
+    images without children that carry the builds' label (the image a rebuild replaced, a build
+    stage's last layer), and then, as podman prunes until none is left, the cache layers only they
+    held. The current images and their cache are tagged or have children, so they stay."""
+    res = run(["podman", "image", "prune", "--force", "--filter", f"label={BUILD_LABEL}"], env=env, check=False,
+              capture=True)
+    gone = [line for line in res.stdout.splitlines() if line.strip()]
+    say(f"removed {len(gone)} image(s) and cache layer(s) that earlier builds left" if res.returncode == 0
+        else f"could not prune: {res.stderr.strip()[-300:]}")
 
 
 CUDA_CHECK = """
