@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import yaml
@@ -65,6 +66,7 @@ def test_the_cuda_image_loads_its_prebuilt_op_without_nvcc(cuda_image, tmp_path)
     spec = importlib.util.spec_from_file_location("image_script", ROOT / "scripts" / "image.py")
     assert spec and spec.loader
     script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclasses look their module up there
     spec.loader.exec_module(script)
     out = Podman(tmp_path).run(Pod(name=f"cuda-{os.getpid()}", image=cuda_image, command=["python", "-c"],
                                    args=[script.CUDA_CHECK]))

@@ -108,7 +108,7 @@ def test_two_nodes_killed_and_restarted_train_as_one_process(cpu_image, pod_mlfl
         "the job finished before the kill: nothing would be resumed"
     again = node_pods(job, runtime, namespace, pod_network, attempt=1)
     finish(pods, again, [pods.start(p) for p in again])
-    assert f"resuming from {work}/{wanted}" in pods.log(again[0].name), pods.log(again[0].name)[-3000:]
+    assert f"resuming from s3://{bucket}/{wanted}" in pods.log(again[0].name), pods.log(again[0].name)[-3000:]
     store.download(f"{work}/{WORK_OUT}", tmp_path / "two")
 
     two, reference = steps(tmp_path / "two"), steps(tmp_path / "one" / "out")
