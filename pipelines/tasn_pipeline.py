@@ -9,8 +9,9 @@ keeps the two in step. What the cluster needs is set here, per task, the Kuberne
   MLflow address and credentials for the tasks that talk to MLflow, from the ConfigMaps and Secrets
   `infra/k8s` creates (their names are pipeline parameters); those tasks also carry the pod label
   the MLflow NetworkPolicy admits (`tasn/mlflow-client`);
-- requests and limits, a timeout and a /tmp volume on every task (the image's root is read-only); the GPU nodes' selector and toleration on a
-  single-node GPU train task (computed by `train-plan`, since KFP has no arithmetic on parameters);
+- requests and limits, a timeout and a /tmp volume (the image's root is read-only) on every task;
+  the GPU nodes' selector and toleration on a single-node GPU train task (computed by `train-plan`,
+  since KFP has no arithmetic on parameters);
 - caching per stage: validate and preprocess are cached on their own config section and the data
   version of `data_uri` (the data-version task), so `-S train.lr=...` reruns train and what follows,
   and data changed in place reruns everything; tasks that write to MLflow are never cached;
