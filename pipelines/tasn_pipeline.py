@@ -13,10 +13,11 @@ keeps the two in step. What the cluster needs is set here, per task, the Kuberne
   parameters); those tasks also carry the pod label the MLflow NetworkPolicy admits
   (`tasn/mlflow-client`). The pipeline root itself is reached through the `kfp-launcher`
   ConfigMap's `providers` (infra/k8s/kfp-profile);
-- requests and limits and a timeout on every task; the GPU nodes' selector and toleration on a
-  single-node GPU train task (computed by `train-plan`, since KFP has no arithmetic on parameters;
-  its GPU count is a string, the only type the driver reads into a resource limit); a
-  memory-backed /dev/shm for the DataLoader workers of train and evaluate;
+- requests and limits, a timeout and a /tmp volume (the image's root is read-only) on every task;
+  the GPU nodes' selector and toleration on a single-node GPU train task (computed by `train-plan`,
+  since KFP has no arithmetic on parameters; its GPU count is a string, the only type the driver
+  reads into a resource limit); a memory-backed /dev/shm for the DataLoader workers of train and
+  evaluate;
 - caching per stage: validate and preprocess are cached on their own config section and the data
   version of `data_uri` (the data-version task), so `-S train.lr=...` reruns train and what follows,
   and data changed in place reruns everything; tasks that write to MLflow are never cached;
@@ -123,6 +124,9 @@ def build_pipeline(retries: int = RETRIES):
         """Image, requests = limits, timeout, retries with backoff, caching: what every task sets."""
         task.set_container_image(image)
         task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+        # The image runs on a read-only root: the executor's `sh -ec` wrapper (mktemp -d) and KFP's
+        # output parameter files (/tmp/kfp/outputs) need a writable /tmp.
+        kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path="/tmp")
         kubernetes.set_timeout(task, TIMEOUTS[name])
         kubernetes.add_pod_label(task, *RUNNER_LABEL)
         if retries:

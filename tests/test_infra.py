@@ -1087,10 +1087,17 @@ def test_every_third_party_image_is_pinned_by_digest(rendered):
         syntax = r"^# syntax=docker/dockerfile:[\d.]+@sha256:[0-9a-f]{64}$"
         assert re.match(syntax, lines[0]), f"{path.name}: {lines[0]}"
         stages = set()
+        defaults = {}
         for ins, args in _instructions(path):
+            if ins == "ARG" and "=" in args:
+                defaults.update([args.split("=", 1)])
             if ins == "FROM":
                 ref, *rest = args.split()
-                assert ref in stages or DIGEST.match(ref), f"{path.name}: FROM {ref}"
+                arg = re.fullmatch(r"\$\{(\w+)\}", ref)
+                if arg:  # a base given as a build argument: one of this repository's images by default
+                    assert defaults[arg.group(1)].rsplit(":", 1)[0] in PROJECT_IMAGES, f"{path.name}: FROM {ref}"
+                else:
+                    assert ref in stages or DIGEST.match(ref), f"{path.name}: FROM {ref}"
                 stages.update(rest[1:2])
             if ins == "COPY" and "--from=" in args:
                 ref = re.search(r"--from=(\S+)", args).group(1)
@@ -1174,12 +1181,15 @@ def test_dockerfile_key_facts(variant):
     assert not any(i == "HEALTHCHECK" for s in stages for i, _ in s)
     assert any(i == "LABEL" and "org.opencontainers.image.title" in a for i, a in final)
     runs = [a for s in stages for i, a in s if i == "RUN"]
-    # dependencies only from the lock, hash-checked, no resolver; then the project without deps
+    # dependencies only from hash-checked lists, no resolver; then the project without deps
     installs = [a for a in runs if re.search(r"\bpip install\b", a)]
-    assert any("--require-hashes" in a and "--no-deps" in a and "-r requirements.lock" in a
-               and "--build-constraints requirements.lock" in a for a in installs), installs
-    assert all("--require-hashes" in a or ("--no-deps" in a and a.rstrip().split("&&")[0].split()[-1] == ".")
-               for a in installs), f"an install that neither uses the lock nor skips dependencies: {installs}"
+    if variant == "cpu":  # the CUDA image is built on it
+        assert any("--require-hashes" in a and "--no-deps" in a and "-r requirements.lock" in a
+                   and "--build-constraints requirements.lock" in a for a in installs), installs
+    assert installs and all(
+        ("--require-hashes" in a and "--no-deps" in a)
+        or ("--no-deps" in a and a.rstrip().split("&&")[0].split()[-1] == ".") for a in installs
+    ), f"an install that neither uses a hashed list nor skips dependencies: {installs}"
     assert not any("--index-url" in a or "--extra-index-url" in a for a in installs)
     assert _locked()["torch"][0] == "2.14.1" and _locked()["torchvision"][0] == "0.29.1"
     # the git commit: build arg -> env in the image that runs
@@ -1191,14 +1201,19 @@ def test_dockerfile_key_facts(variant):
             if i in ("ENV", "ARG"):
                 assert not SECRET_NAME.search(a.split("=")[0]), f"secret-looking {i}: {a}"
     if variant == "cuda":
-        build = next(s for s in stages if "AS build" in s[0][1])
-        assert "-devel-" in build[0][1] and "-runtime-" in final[0][1]
-        env = " ".join(a for i, a in build if i == "ENV")
-        arch = re.search(r'TORCH_CUDA_ARCH_LIST="([^"]+)"', env).group(1).split(";")
-        assert {"8.0", "9.0"} <= set(arch)
-        build_runs = [a for i, a in build if i == "RUN"]
-        assert any("python -m tasn.ops.build" in a for a in build_runs), "CUDA sampler built ahead of time"
-        assert any(i == "COPY" and "/opt/tasn-ops" in a for i, a in final), "AOT build copied to the runtime"
+        build = next(s for s in stages if "AS ops-build" in s[0][1])
+        build_runs = " ".join(a for i, a in build if i == "RUN")
+        arch = re.search(r'python -m tasn\.ops\.build --arch "([^"]+)"', build_runs)
+        assert arch and {"8.0", "9.0"} <= set(arch.group(1).split(";")), "CUDA sampler built ahead of time"
+        assert "-r /tmp/cuda-toolchain.txt" in build_runs  # nvcc from PyPI's wheels, hash-checked
+        toolchain = re.sub(r"\\\n\s*", " ", (INFRA / "docker" / "cuda-toolchain.txt").read_text())
+        pins = [line for line in toolchain.splitlines() if re.match(r"^[a-z]", line)]
+        assert pins and all(re.search(r"==\S+ +--hash=sha256:[0-9a-f]{64}", p) for p in pins), pins
+        assert {"nvidia-cuda-nvcc", "nvidia-cuda-runtime"} <= {p.split("==")[0] for p in pins}
+        assert final[0][1].split()[0] == "${BASE_IMAGE}", "the runtime is the CPU image, not the build stage"
+        assert not any("cuda-toolchain" in a for i, a in final), "the compiler stays in the build stage"
+        assert any(i == "COPY" and "--from=ops-build /opt/tasn-ops" in a for i, a in final), "AOT build copied"
+        assert any(i == "ENV" and "TASN_OPS_PREBUILT=/opt/tasn-ops" in a for i, a in final)
         assert "ninja" in _locked(), "the AOT build's ninja comes from the lock"
 
 

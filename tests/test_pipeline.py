@@ -172,6 +172,16 @@ def test_every_task_has_requests_limits_a_timeout_and_retries(spec, k8s):
     assert FOLLOW_TIMEOUT_S < tasn_pipeline.TIMEOUTS["train"]
 
 
+def test_every_task_has_a_writable_tmp_on_the_images_read_only_root(spec, k8s):
+    """KFP's launcher writes output parameters under /tmp/kfp/outputs and the executor's `sh -ec`
+    wrapper runs `mktemp -d`: on a read-only root, /tmp must be a volume (tests/test_image_pipeline.py
+    runs the tasks so)."""
+    for label in spec["deploymentSpec"]["executors"]:
+        if "container" in spec["deploymentSpec"]["executors"][label]:
+            mounts = {m["mountPath"]: m for m in k8s[label].get("emptyDirMounts", [])}
+            assert "/tmp" in mounts, label
+
+
 def test_the_promote_tasks_retry_for_longer_than_one_promotion_lock_lease(spec):
     """A promoter killed while holding the lock leaves it until its lease ends; the tasks running
     `tasn promote` must keep retrying past that, or the run fails on a lock nobody holds. Argo waits
