@@ -26,8 +26,8 @@ Every image is a pure function of (seed, index, class), so the set is the same f
 worker processes; each image of the set has its own index, so its own scene (a set where image k of
 every class shared one scene, differing only in the cues, kept the baseline at out_size at chance
 for 616 steps at lr 0.1 and 0.02: nothing but the cue to fit, from random weights it never
-started), while two classes
-rendered at one index differ only in their class cues (what the tests check).
+started), while two classes rendered at one index differ only in their class cues (what the tests
+check).
 """
 
 from __future__ import annotations
