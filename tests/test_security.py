@@ -364,8 +364,10 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
 def test_an_account_that_may_only_read_cannot_block_promotions(mlflow_auth_server, accounts, no_credentials,
                                                                monkeypatch, capfd, caplog):
     """The intruder (default READ) creates the lock model older tasn versions obeyed, with a forged
-    owner, and tries to claim the lock on the model itself: the claim is refused (403), the forged
-    model is ignored with a warning, and the pipeline's promotion goes through at once."""
+    owner, and tries to claim the lock on the model itself: the claim is refused (403); the
+    pipeline's promotion goes through at once, the forged model ignored with a warning (old tasn
+    waited a lease, could not delete it and blamed the forged owner); the intruder's own promotion
+    is refused at its claim."""
     server, (ci, intruder) = mlflow_auth_server, accounts
     url, name = server.url, "tasn-lock"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
@@ -385,19 +387,21 @@ def test_an_account_that_may_only_read_cannot_block_promotions(mlflow_auth_serve
         forger.set_registered_model_tag(name, lock.CLAIM_TAG + "forged",
                                         json.dumps({"owner": "tasn-pipeline@ci-node", "number": 0, "beat": 0}))
     assert claim.value.error_code == "PERMISSION_DENIED"
-    capfd.readouterr()
-    assert main(["promote", "--name", name, "--version", "1", "--force", "--reason", "mine"]) == 1
-    refused = capfd.readouterr().err
-    assert f"{url} refused /api/2.0/mlflow/registered-models/set-tag to user 'intruder'" in refused, refused
-    assert "tasn-pipeline@ci-node" not in refused and "Traceback" not in refused
 
-    _as(monkeypatch, ci)
+    _as(monkeypatch, ci)  # the pipeline, with the forged lock in place: not obeyed, not waited on
+    capfd.readouterr()
     with caplog.at_level(logging.WARNING):
         assert main(["promote", "--name", name, "--version", "1"]) == 0
     out = capfd.readouterr()
     assert "tasn-lock v1 -> staging: promoted" in out.out, out
     assert f"ignoring the registered model '{name}{lock.LEGACY_LOCK_SUFFIX}'" in caplog.text
-    assert "was not renewed" not in caplog.text and "tasn-pipeline@ci-node" not in caplog.text  # never obeyed
+    assert "was not renewed" not in caplog.text and "tasn-pipeline@ci-node" not in caplog.text
+
+    _as(monkeypatch, intruder)  # and the intruder's own promotion is refused at its claim
+    assert main(["promote", "--name", name, "--version", "1", "--force", "--reason", "mine"]) == 1
+    refused = capfd.readouterr().err
+    assert f"{url} refused /api/2.0/mlflow/registered-models/set-tag to user 'intruder'" in refused, refused
+    assert "tasn-pipeline@ci-node" not in refused and "Traceback" not in refused
     _as(monkeypatch, server.admin)
     admin = MlflowClient(url, registry_uri=url)
     assert str(alias_holder(admin, name, "staging").version) == "1" and lock.claims(admin, name) == {}
