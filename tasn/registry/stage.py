@@ -32,6 +32,7 @@ from tasn.registry.versions import register_version
 
 REGISTRATION = "registration.json"  # the new version, and the gate's decision when asked to promote
 PENDING = ".registration.pending"  # in --out while an attempt is unfinished: its token and inputs (`_attempt`)
+REFUSED_EXIT = 3  # `tasn promote`'s exit status when the gate refuses: an outcome, told apart from a failure (1)
 
 
 @dataclass(frozen=True)
