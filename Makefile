@@ -16,7 +16,7 @@ help:
 	@echo "make lint    - ruff, mypy, byte-compile, and look for copy-paste twins"
 	@echo "make image   - build the CPU image tasn:cpu (podman or docker; offline: bases from Debian and PyPI)"
 	@echo "make image-gpu - build the CUDA image tasn:cuda on it (the fused op compiled for sm_80 and sm_90)"
-	@echo "make test-image - build tasn:cpu, then run the compiled pipeline and 2-node training in it"
+	@echo "make test-image - build tasn:cpu and tasn:cuda, then run the compiled pipeline and 2-node training in them"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,11 +67,12 @@ image:
 image-gpu:
 	nice -n 5 $(PYTHON) scripts/image.py cuda
 
-# The image tests (marker `image`; `make test` leaves them out): the compiled pipeline task by task
-# and two-node training, in containers of the image just built, against the test servers. Where no
+# The image tests (marker `image`; `make test` leaves them out): both images built (the CUDA one on
+# the CPU one), then the compiled pipeline task by task, two-node training and the CUDA image's
+# prebuilt op, in containers of the images just built, against the test servers. Where no
 # container engine can run (not root, none installed), nothing is built and each test skips, saying why.
 test-image: install system-deps
-	nice -n 5 $(PYTHON) scripts/image.py cpu --if-possible
+	nice -n 5 $(PYTHON) scripts/image.py cuda --if-possible
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m image
 
 test-fast: install

@@ -52,7 +52,7 @@ PARAMS_ENV = "TASN_PARAMS_YAML"
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 # Under a run's work prefix (`<work_uri>/<KFP run id>`): node 0's outputs, and the checkpoints that
 # `train.checkpoint_dir` points at (one node or many), so a retried task or restarted job resumes.
-WORK_OUT, WORK_CHECKPOINTS = "out", "checkpoints"
+WORK_OUT, WORK_CHECKPOINTS = "out", "ckpt"
 
 
 @dataclass
