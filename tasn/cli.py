@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(command: str, message: str) -> None:
+    """The one error line, credentials redacted, and a file name that is not UTF-8 (kept by Python
+    as lone surrogates) shown escaped rather than failing to print."""
+    line = f"{command}: error: {redact_text(message)}"
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -81,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except TASNError as exc:
         refused = refusal(exc)  # an MLflow server's 401/403 behind it: who was refused, and what to set
         detail = f"\n  {refused}" if refused else ""
-        print(f"{name}: error: {redact_text(str(exc) + detail)}", file=sys.stderr)
+        _error(name, str(exc) + detail)
         return exc.exit_code
     except OSError as exc:  # the filesystem said no (permissions, a full disk, a file where a folder goes)
         log.debug("%s failed", name, exc_info=True)
-        print(f"{name}: error: {redact_text(str(exc))}", file=sys.stderr)
+        _error(name, str(exc))
         return 1
     except Terminated:
         print(f"{name}: terminated (SIGTERM)", file=sys.stderr)

@@ -13,6 +13,8 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
 from tasn import checkpoint, lineage, tracking
@@ -32,19 +34,27 @@ def test_scrub_redacts_credentials_by_name_and_by_value(monkeypatch):
     assert "s3cr3t-value-xyz" not in out["note"] and out["note"].startswith("endpoint with")
 
 
-def test_retry_survives_transient_failures_and_never_raises(caplog):
+def test_a_run_goes_on_when_mlflow_refuses_or_goes_away(caplog):
+    """No call is repeated by tasn (MLflow's client retries what a retry can mend); a refusal
+    changes nothing; a remote server that failed is left alone for a while."""
     calls = []
 
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionError("server restarting")
-        return "ok"
+    def refused():
+        calls.append("refused")
+        raise MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)
 
-    assert tracking.retry(flaky, "flaky", attempts=4, delay=0) == "ok" and len(calls) == 3
+    def down():
+        calls.append("down")
+        raise MlflowException("API request to http://mlflow/api failed: connection refused")
+
+    outage = tracking.Outage(remote=True)
     with caplog.at_level(logging.WARNING, logger="tasn.tracking"):
-        assert tracking.retry(lambda: 1 / 0, "always broken", attempts=2, delay=0) is None
-    assert "giving up on always broken" in caplog.text
+        assert outage.call(refused, "set_tags") is None and outage.call(refused, "set_tags") is None
+        assert outage.call(down, "log_metrics") is None and outage.call(down, "log_metrics") is None
+        assert tracking.Outage(remote=False).call(lambda: 1 / 0, "end_run") is None
+    assert calls == ["refused", "refused", "down"]  # the second call to a server that is down is not made
+    assert "MLflow refused set_tags (no such run); not retried" in caplog.text
+    assert "the run goes on without MLflow for 300 s" in caplog.text and "end_run failed" in caplog.text
 
 
 def test_local_default_is_sqlite_with_artifacts_in_mlruns(tmp_path, monkeypatch):

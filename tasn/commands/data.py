@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from tasn.commands.common import Subparsers, config_from_args, print_json
-from tasn.config.schema import DEFAULT_MAX_PIXELS
+from tasn.commands.common import Subparsers, bounded_int, config_from_args, print_json
+from tasn.config.schema import DEFAULT_MAX_PIXELS, MAX_PIXELS, MAX_SEED, MAX_WORKERS
 
 
 def _generator(name: str):
@@ -63,9 +63,10 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     data = sub.add_parser("data", help="create or import a raw dataset (CUB-200-2011 layout)")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     workers = argparse.ArgumentParser(add_help=False)
-    workers.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
+    workers.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=0,
+                         help="processes (0 = one per core)")
     limits = argparse.ArgumentParser(add_help=False)
-    limits.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    limits.add_argument("--max-pixels", type=bounded_int(1, MAX_PIXELS), default=DEFAULT_MAX_PIXELS,
                         help="refuse images of more pixels than this (default: %(default)s, as validate.max_pixels)")
 
     for name, what in (("fashion", "the embedded default: Fashion-MNIST garments placed small in cluttered canvases"),
@@ -88,7 +89,8 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically)")
     p.add_argument("--test-fraction", type=float, default=0.25,
                    help="share of each class held out for test (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0,
+                   help="seed of the split (default: %(default)s)")
     p.set_defaults(func=_import_folder)
 
     p = sub.add_parser("validate", parents=[common],

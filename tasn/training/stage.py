@@ -11,6 +11,7 @@ the data version preprocess recorded) is this run's own, unless `train.force_res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from tasn import checkpoint, distributed, lineage, tracking
+from tasn import checkpoint, distributed, lineage, storage, tracking
 from tasn.config import Config, check
 from tasn.data.preprocess import SUMMARY
-from tasn.errors import DataError, TASNError
-from tasn.io import check_apart
+from tasn.errors import ConfigError, DataError, TASNError
+from tasn.io import check_apart, output_lock
 from tasn.model import build_loss, build_model
 from tasn.model.sampler import implementation as sampler_implementation
 from tasn.training import batch
@@ -49,13 +50,16 @@ def train(cfg: Config, data_dir: str | os.PathLike[str], out_dir: str | os.PathL
     if not data.is_dir():
         raise DataError(f"--data {data}: no such directory (run `tasn preprocess` first)")
     check_apart(data, out, DataError, "--out")
+    if cfg.train.checkpoint_dir and not storage.is_s3(cfg.train.checkpoint_dir):
+        check_apart(data, cfg.train.checkpoint_dir, ConfigError, "train.checkpoint_dir")
     ctx = distributed.init()
     if not ctx.is_main:
         logging.getLogger("tasn").setLevel(logging.WARNING)
-    try:
-        if ctx.is_main and cfg.tracking.enabled:
-            tracking.setup(cfg.tracking)  # fail fast, before any data or model work
-        return _train(cfg, data, out, resume or cfg.train.resume, ctx)
+    try:  # rank 0 holds --out: a second `tasn train` into it refuses, naming this one
+        with output_lock(out) if ctx.is_main else contextlib.nullcontext():
+            if ctx.is_main and cfg.tracking.enabled:
+                tracking.setup(cfg.tracking)  # fail fast, before any data or model work
+            return _train(cfg, data, out, resume or cfg.train.resume, ctx)
     finally:
         distributed.cleanup()
 
