@@ -114,7 +114,8 @@ def test_tasn_metrics_match_an_independent_computation(tasn_eval):
     assert metrics["distill_agreement"] == pytest.approx(agree)
     assert metrics["distill_kl_t1"] == pytest.approx(np_kl(heads["part"], heads["master"], 1.0), rel=1e-3, abs=1e-6)
     assert metrics["distill_kl_t"] == pytest.approx(np_kl(heads["part"], heads["master"], 10.0), rel=1e-3, abs=1e-7)
-    assert metrics["num_test"] == len(labels) == 12 and metrics["num_classes"] == 4
+    assert metrics["num_test"] == len(labels) == 12
+    assert not {"num_classes", "timing_batch_size", "distill_temperature"} & set(metrics)  # settings, no metrics
     assert metrics["throughput_ips"] > 0 and 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p90"]
     on_disk = json.loads((out / METRICS).read_text())
     assert on_disk == pytest.approx(metrics)
