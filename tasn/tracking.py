@@ -12,7 +12,8 @@ What a run says about itself: a name that tells it apart in the runs table (`run
 experiment's name, else kind-backbone-out size-suffix), the context it ran in as tags
 (`context_tags`: the Kubeflow run id, the DVC experiment), its code as MLflow's own
 `mlflow.source.git.commit`, and its data as an MLflow dataset input (`Run.log_dataset`) whose digest
-is the data version, so the UI shows which data each run used.
+is the data version, so the UI shows which data each run used. Its experiment is marked as one of
+model training (`mark_training_experiment`), so MLflow 3's UI opens it on the runs table.
 
 During the run every MLflow call goes through `Run`, which retries with backoff and, if the server
 stays away, logs a warning and carries on: losing a metric point is better than losing a week of
@@ -65,6 +66,10 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI links it; se
 DATA_VERSION_TAG = "data.version"
 DIGEST_LEN = 36  # MLflow's dataset digest column holds 36 characters: an md5 + ".dir" fits exactly
 UNVERSIONED = (None, "", "untracked", "unknown")
+# MLflow 3's experiment kind (the UI reads this tag to choose an experiment's first page): training
+# runs of a model, i.e. the runs table, not the GenAI overview of traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
 
 def _mlflow() -> ModuleType:
@@ -204,13 +209,24 @@ def setup(cfg: TrackingConfig, run_uri: str | None = None) -> str:
 
 
 def experiment_id(name: str, uri: str) -> str:
-    """The experiment's id, created if needed; a local sqlite store keeps artifacts in ./mlruns."""
+    """The experiment's id, created if needed (a local sqlite store keeps artifacts in ./mlruns),
+    and marked as one of training runs (`mark_training_experiment`)."""
     mlflow = _mlflow()
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return str(exp.experiment_id)
-    location = local_artifact_root() if uri.startswith("sqlite:") else None
-    return str(mlflow.create_experiment(name, artifact_location=location))
+    if exp is None:
+        location = local_artifact_root() if uri.startswith("sqlite:") else None
+        tags = {EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+        return str(mlflow.create_experiment(name, artifact_location=location, tags=tags))
+    mark_training_experiment(exp)
+    return str(exp.experiment_id)
+
+
+def mark_training_experiment(exp: Any) -> None:
+    """Tag an experiment made elsewhere (older tasn, `mlflow experiments create`) as one of model
+    training runs, unless someone chose its kind already: MLflow 3's UI opens an experiment by its
+    kind, and one with none on the GenAI overview (traces, assistant), not on the runs."""
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        _mlflow().MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
 
 
 # -- what -----------------------------------------------------------------------------------

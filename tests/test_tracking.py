@@ -21,6 +21,7 @@ from tasn.errors import ServiceError
 from tasn.predict import Predictor, from_checkpoint, load_predictor
 from tasn.training import train
 from tasn.training.outputs import CURVES, MODEL, RUN
+from tasn.training.stage import run_params
 
 
 def test_scrub_redacts_credentials_by_name_and_by_value(monkeypatch):
@@ -139,8 +140,12 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     client = MlflowClient(mlflow_s3_server.url)
     run = client.get_run(run_info["run_id"])
     assert run.info.status == "FINISHED"
-    # the whole resolved config as params
-    assert set(cfg.flat()) <= set(run.data.params)
+    # the run's real settings as params (what its weights depend on), not every other stage's knobs
+    assert set(run.data.params) == set(run_params(cfg, 1))
+    assert "tracking.uri" not in run.data.params and "data.synth.classes" not in run.data.params
+    assert run.data.tags["machine.threads"] == "1" and run.data.tags["machine.cpu_kernels"]  # what else moves results
+    experiment = client.get_experiment(run.info.experiment_id)  # opens on its runs in MLflow 3's UI
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert run.data.params["model.kind"] == "tasn" and run.data.params["train.max_steps"] == "2"
     assert run.data.tags[tracking.GIT_COMMIT_TAG] == lineage.git_commit() and "data.version" in run.data.tags
     assert "git.commit" not in run.data.tags  # MLflow's own tag, not a duplicate
@@ -151,6 +156,7 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
                  "loss_distill", "lr", "images_per_s", "val_loss", "top1",
                  "attention_top1", "part_top1", "master_top1", "part_aux_top1", "master_aux_top1"):
         assert name in run.data.metrics, name
+    assert "epoch" not in run.data.metrics  # every metric is against the step
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     # pictures
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "attention")]
@@ -167,6 +173,8 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     local_model, _ = checkpoint.load_model(str(out / MODEL))
     for key, value in checkpoint.load_checkpoint(ckpt)["model"].items():
         assert torch.equal(value, local_model.state_dict()[key]), key
+    # the logged model is named as the registered model it becomes versions of
+    assert client.get_logged_model(run_info["model_uri"].rsplit("/", 1)[-1]).name == cfg.register.model_name
     # the logged model loads (weights only) and predicts like model.pt does
     predictor = load_predictor(run_info["model_uri"]).predictor
     assert isinstance(predictor, Predictor)
