@@ -35,17 +35,24 @@ def register(cfg: Config, run_json: str | os.PathLike[str], metrics_json: str | 
     """Register the model of the run in `run_json` (train's run.json) with the metrics of
     `metrics_json` (evaluate's metrics.json) as a new version of `name` (default
     `register.model_name`), in the MLflow store the run lives in unless `tracking.uri` says
-    otherwise; with `promote`, run the staging gate, unless `register.promote` is false or this is
-    a DVC experiment (`dvc exp run` sets DVC_EXP_NAME): a sweep registers its versions and a person
-    promotes the one they pick, so no experiment moves the alias. Writes registration.json to
-    `out_dir`. A refusal is a recorded decision, not a failure."""
+    otherwise, when `registers` says so; with `promote`, run the staging gate, unless
+    `register.promote` is false or this is a DVC experiment (`dvc exp run` sets DVC_EXP_NAME): a
+    person promotes the version they pick, so no experiment moves the alias. Writes
+    registration.json to `out_dir`. A refusal, or a run left unregistered, is a recorded
+    decision, not a failure."""
     run = tracking.RunInfo.read(run_json, "--run-json")
     metrics = read_json(metrics_json, "--metrics")
+    model_name = name or cfg.register.model_name
+    skipped = not_registered_reason(cfg)
+    if skipped:
+        return _record(Path(out_dir), {
+            "name": model_name, "version": None, "run_id": run.run_id, "model_uri": run.model_uri,
+            "primary_metric": cfg.register.primary_metric, "decision": "not registered", "reason": skipped,
+            "candidate": metrics.get(cfg.register.primary_metric), "incumbent": None}, None)
     if not (run.run_id and run.model_uri):
         missing = [k for k in ("run_id", "model_uri") if not getattr(run, k)]
         raise TASNError(f"--run-json {run_json}: no {' or '.join(missing)} (was the training run tracked in MLflow?)")
     tracking.setup(cfg.tracking, run.tracking_uri)
-    model_name = name or cfg.register.model_name
     mv = register_version(run.run_id, run.model_uri, metrics, model_name, primary_metric=cfg.register.primary_metric)
     registration: dict[str, Any] = {
         "name": model_name, "version": str(mv.version), "run_id": run.run_id, "model_uri": run.model_uri,
@@ -56,9 +63,33 @@ def register(cfg: Config, run_json: str | os.PathLike[str], metrics_json: str | 
     if promote and cfg.register.promote and not os.environ.get(tracking.DVC_EXP_ENV):
         decision = gate(model_name, mv.version, alias=cfg.register.alias, primary_metric=cfg.register.primary_metric)
         registration.update({k: v for k, v in decision.to_dict().items() if k != "name"})
-    out = Path(out_dir)
+    return _record(Path(out_dir), registration, decision)
+
+
+def _record(out: Path, registration: dict[str, Any], decision: Decision | None) -> RegisterResult:
     atomic_write_json(out / REGISTRATION, registration)
     return RegisterResult(out, registration, decision)
+
+
+def registers(cfg: Config) -> bool:
+    """The rule for what becomes a registered version: `register.enabled` true or false says so;
+    `auto` (the default) registers every run except a DVC experiment's (`dvc exp run`): a sweep
+    logs all its runs to MLflow, where they are compared, and registers only when asked
+    (`dvc exp run -S register.enabled=true`), so the registry holds candidates, not noise. `dvc
+    repro` (`make run`), `tasn register` and the Kubeflow pipeline register as before."""
+    if cfg.register.enabled == "auto":
+        return not os.environ.get(tracking.DVC_EXP_ENV)
+    return bool(cfg.register.enabled)
+
+
+def not_registered_reason(cfg: Config) -> str | None:
+    """Why `register` leaves the run unregistered (what registration.json says), or None."""
+    if registers(cfg):
+        return None
+    if cfg.register.enabled is False:
+        return "register.enabled is false: the run is in MLflow, no version was registered"
+    return (f"DVC experiment {os.environ.get(tracking.DVC_EXP_ENV)}: experiments register only when asked "
+            "(-S register.enabled=true); its run is in MLflow, compare it there or with `dvc exp show`")
 
 
 def not_gated_reason(cfg: Config, promote: bool, version: str) -> str:
