@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -20,6 +21,7 @@ from typing import Any
 
 import kfp
 from kfp import compiler, local
+from kfp.local import logging_utils as local_logging
 
 from pipelines.stage_configs import stage_configs
 from pipelines.tasn_pipeline import PIPELINE_NAME, build_pipeline, tasn_pipeline
@@ -110,7 +112,8 @@ def run_local(data: str | os.PathLike[str], params: str | os.PathLike[str] | Non
     python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(PROJECT_ROOT)) if p)
     start = time.monotonic()
     try:
-        with _environment(PYTHONPATH=python_path, MLFLOW_TRACKING_URI=tracking_uri), warnings.catch_warnings():
+        with _environment(PYTHONPATH=python_path, MLFLOW_TRACKING_URI=tracking_uri), _plain_off_terminal(), \
+                warnings.catch_warnings():
             # expected under kfp.local, so said once in docs/pipeline.md rather than per task:
             # resource requests and the image are cluster settings the local runner ignores
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
@@ -120,6 +123,22 @@ def run_local(data: str | os.PathLike[str], params: str | os.PathLike[str] | Non
         raise TASNError(f"the local pipeline run failed: {_plain(exc)} (task logs above; outputs under {root})"
                         ) from exc
     return {"pipeline_root": str(root), "seconds": time.monotonic() - start, "tracking_uri": tracking_uri}
+
+
+@contextlib.contextmanager
+def _plain_off_terminal() -> Iterator[None]:
+    """kfp.local colours task names and states with terminal codes, wherever its output goes; off a
+    terminal (a log file, CI) they are noise, so for the block its colouring returns the text as
+    it is (kfp.local has no setting for it)."""
+    if sys.stdout.isatty():
+        yield
+        return
+    original = local_logging.color_text
+    local_logging.color_text = lambda text, color: text
+    try:
+        yield
+    finally:
+        local_logging.color_text = original
 
 
 def connect(host: str | None, token: str | None, namespace: str | None = None) -> kfp.Client:
