@@ -108,7 +108,8 @@ def _run_local(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # checks params, profile and overrides before any task starts
     result = run_local(args.data or cfg.data.raw, find_params(args.params), args.profile, args.overrides,
                        args.pipeline_root, cache=args.cache, work_uri=args.work_uri)
-    print(f"pipeline finished in {result['seconds']:.0f} s; task outputs under {result['pipeline_root']}")
+    print(f"pipeline finished in {result['seconds']:.0f} s; task outputs under {result['pipeline_root']}, "
+          f"their whole logs in {result['log']}")
     print(f"look at the runs and the registry: mlflow ui --backend-store-uri {redact_uri(result['tracking_uri'])}")
     return 0
 
