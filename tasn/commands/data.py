@@ -51,11 +51,11 @@ def _validate(args: argparse.Namespace) -> int:
         print_json([str(p) for p in write_suite(cfg.validate, args.write_suite)])
         return 0
     result = validate(args.data or cfg.data.raw, args.report_dir or cfg.data.validated, cfg.validate)
-    print_json(_brief(result.summary, result.report_dir))
+    print_json(validation_brief(result.summary, result.report_dir))
     return 0
 
 
-def _brief(summary: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+def validation_brief(summary: dict[str, Any], report_dir: Path) -> dict[str, Any]:
     """What a person reads of a passed validation: the counts, how many rules passed and where
     the details are (summary.json holds every rule; a failure is raised with its offenders)."""
     from tasn.data.validate import REPORT, SUMMARY
