@@ -225,8 +225,12 @@ def mark_training_experiment(exp: Any) -> None:
     """Tag an experiment made elsewhere (older tasn, `mlflow experiments create`) as one of model
     training runs, unless someone chose its kind already: MLflow 3's UI opens an experiment by its
     kind, and one with none on the GenAI overview (traces, assistant), not on the runs."""
-    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+    if EXPERIMENT_KIND_TAG in (exp.tags or {}):
+        return
+    try:
         _mlflow().MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    except Exception as exc:  # an account that may log runs but not edit the experiment: a view, not a failure
+        log.info("MLflow: experiment %s keeps no kind (%s); its UI opens on the GenAI overview", exp.name, exc)
 
 
 # -- what -----------------------------------------------------------------------------------
