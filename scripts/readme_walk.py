@@ -41,6 +41,9 @@ from pathlib import Path
 from browser import browser, free_port
 from machine import load, machine
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tasn.tracking import runs_page
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "docs" / "images"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -154,16 +157,18 @@ def mlflow_ui(walk: Walk) -> None:
         exp = exp["experiment"]
         kind = {t["key"]: t["value"] for t in exp.get("tags", [])}.get("mlflow.experimentKind")
         with browser(1600) as page:
-            page.open(f"{url}/#/experiments/{exp['experiment_id']}", 1600, 1000)
-            page.wait_for("document.body && /Run Name|Run name/.test(document.body.innerText)", 120,
+            page.open(f"{url}/#/experiments/{exp['experiment_id']}", 1600, 1000)  # the plain address
+            page.wait_for("/workflowType=/.test(location.hash)", 120, "the experiment page choosing its pages")
+            plain = page.js("location.hash").split("?")[0]
+            page.open(runs_page(exp["experiment_id"], url), 1600, 1000)  # what make run prints
+            page.wait_for("document.body && /Run Name/.test(document.body.innerText)", 120,
                           "the experiment's runs table")
             time.sleep(4)
-            opened = page.js("location.hash")
-            traces = page.js("/Traces/.test(document.body.innerText)")
+            opened = page.js("location.hash").split("?")[0]
             if walk.images:
                 page.shot(IMAGES / "mlflow_runs.png", 1600, 900)
-        walk.note(f"experiment `tasn` (kind {kind}) opens on {opened}, the runs table"
-                  + ("" if not traces else " (a Traces tab is there too)"))
+        walk.note(f"experiment `tasn` (kind {kind}): its plain address opens on {plain}, the address make run "
+                  f"prints on {opened}")
 
 
 def dvc_tables(walk: Walk) -> None:

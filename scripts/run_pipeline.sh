@@ -21,14 +21,17 @@ if ! dvc status --quiet; then
   exit 1
 fi
 
+echo "== done in $((SECONDS - start)) s; dvc status is clean"
 python - <<'PY'
 import json
+from tasn.tracking import runs_page
 r = json.load(open("outputs/register/registration.json"))
+run = json.load(open("outputs/train/run.json"))
 alias = r.get("alias") or "staging"
 print(f"\nmodel {r['name']} v{r['version']}: {r.get('decision')} ({r.get('reason')})")
 print(f"  {r.get('primary_metric')}: candidate {r.get('candidate')}, previous {alias} {r.get('incumbent')}")
+print("look at it:")
+print("  mlflow ui --backend-store-uri sqlite:///mlflow.db      (runs, the registered model, its @staging alias),")
+print(f"    then open {runs_page(run['experiment_id'])}")
+print("  dvc metrics show; dvc plots show                       (metrics and curves; plots land in dvc_plots/)")
 PY
-echo "== done in $((SECONDS - start)) s; dvc status is clean"
-echo "look at it:"
-echo "  mlflow ui --backend-store-uri sqlite:///mlflow.db      (runs, the registered model, its @staging alias)"
-echo "  dvc metrics show; dvc plots show                       (metrics and curves; plots land in dvc_plots/)"

@@ -2,11 +2,11 @@
 
 Why these numbers: TASN has five heads and the authors report `master_aux` (the shared head on the
 structure-preserved image), so every head's top-1 is reported, the primary head's top-k too, and
-`top1`/`top5` repeat the model's primary head, which makes a TASN run and a baseline run directly comparable in the MLflow
-UI. The distillation gap (how often master and part agree, and KL(part || master) at T = 1 and at
-the training temperature) shows whether the feature distiller did its job. Throughput and latency
-are measured on the deployable path, the `Predictor`'s forward (what `tasn predict` and a server
-run), on this machine.
+`top1`/`top5` repeat the model's primary head, which makes a TASN run and a baseline run directly
+comparable in the MLflow UI. The distillation gap (how often master and part agree, and KL(part ||
+master) at T = 1 and at the training temperature) shows whether the feature distiller did its job.
+Throughput and latency are measured on the deployable path, the `Predictor`'s forward (what `tasn
+predict` and a server run), on this machine.
 
 Outputs (written together, atomically): `metrics.json` (flat numbers, DVC `metrics:`),
 `per_class.csv` and `confusion.csv` (DVC `plots:`; the latter one row per image, `actual` and

@@ -13,7 +13,8 @@ experiment's name, else kind-backbone-out size-suffix), the context it ran in as
 (`context_tags`: the Kubeflow run id, the DVC experiment), its code as MLflow's own
 `mlflow.source.git.commit`, and its data as an MLflow dataset input (`Run.log_dataset`) whose digest
 is the data version, so the UI shows which data each run used. Its experiment is marked as one of
-model training (`mark_training_experiment`), so MLflow 3's UI opens it on the runs table.
+model training (`mark_training_experiment`), and `runs_page` is the UI address that opens on its
+runs table.
 
 During the run every MLflow call goes through `Run`, which retries with backoff and, if the server
 stays away, logs a warning and carries on: losing a metric point is better than losing a week of
@@ -66,10 +67,13 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI links it; se
 DATA_VERSION_TAG = "data.version"
 DIGEST_LEN = 36  # MLflow's dataset digest column holds 36 characters: an md5 + ".dir" fits exactly
 UNVERSIONED = (None, "", "untracked", "unknown")
-# MLflow 3's experiment kind (the UI reads this tag to choose an experiment's first page): training
-# runs of a model, i.e. the runs table, not the GenAI overview of traces.
+# MLflow 3's experiment kind: training runs of a model, not a GenAI app's traces. MLflow 3.17's UI
+# chooses an experiment's pages by its own "GenAI | Model training" switch instead (the URL's
+# `workflowType`, else the browser's last choice, else GenAI): `runs_page` is the address that opens
+# on the runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW = "machine_learning"  # the switch's "Model training" (mlflow/server/js: workflowType)
 
 
 def _mlflow() -> ModuleType:
@@ -223,14 +227,21 @@ def experiment_id(name: str, uri: str) -> str:
 
 def mark_training_experiment(exp: Any) -> None:
     """Tag an experiment made elsewhere (older tasn, `mlflow experiments create`) as one of model
-    training runs, unless someone chose its kind already: MLflow 3's UI opens an experiment by its
-    kind, and one with none on the GenAI overview (traces, assistant), not on the runs."""
+    training runs, unless someone chose its kind already (MLflow's own record of what an
+    experiment is; see UI_WORKFLOW for what its 3.17 UI reads)."""
     if EXPERIMENT_KIND_TAG in (exp.tags or {}):
         return
     try:
         _mlflow().MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
     except Exception as exc:  # an account that may log runs but not edit the experiment: a view, not a failure
         log.info("MLflow: experiment %s keeps no kind (%s); its UI opens on the GenAI overview", exp.name, exc)
+
+
+def runs_page(experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The address of an experiment's runs table in the MLflow UI at `ui` (what `mlflow ui`
+    serves by default), in its "Model training" mode: a plain experiment address opens on the
+    GenAI overview in MLflow 3.17, whatever the experiment's kind."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?workflowType={UI_WORKFLOW}"
 
 
 # -- what -----------------------------------------------------------------------------------

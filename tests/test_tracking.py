@@ -94,6 +94,15 @@ def test_context_tags_name_the_pipeline_run(monkeypatch):
     assert tracking.context_tags() == {"kfp.run_id": "run-7f3", "dvc.exp_name": "sulky-doze"}
 
 
+def test_the_runs_page_is_the_ui_in_its_model_training_mode():
+    """MLflow 3.17's UI reads `workflowType` from the address (mlflow/server/js: "machine_learning" is
+    its "Model training" switch); without it an experiment opens on the GenAI overview."""
+    ui = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    assert any('MACHINE_LEARNING="machine_learning"' in f.read_text(errors="ignore") for f in ui.glob("main.*.js"))
+    assert tracking.runs_page("7", "http://host:5000/") == (
+        "http://host:5000/#/experiments/7/runs?workflowType=machine_learning")
+
+
 def test_a_data_version_is_the_dataset_digest():
     md5 = "87531ab04cff36c47da29bf5b3817baf.dir"
     assert tracking.dataset_digest(md5) == md5  # 36 characters: fits MLflow's digest column
@@ -144,7 +153,7 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     assert set(run.data.params) == set(run_params(cfg, 1))
     assert "tracking.uri" not in run.data.params and "data.synth.classes" not in run.data.params
     assert run.data.tags["machine.threads"] == "1" and run.data.tags["machine.cpu_kernels"]  # what else moves results
-    experiment = client.get_experiment(run.info.experiment_id)  # opens on its runs in MLflow 3's UI
+    experiment = client.get_experiment(run.info.experiment_id)  # MLflow's kind for model training
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert run.data.params["model.kind"] == "tasn" and run.data.params["train.max_steps"] == "2"
     assert run.data.tags[tracking.GIT_COMMIT_TAG] == lineage.git_commit() and "data.version" in run.data.tags
