@@ -1,6 +1,7 @@
 """Headless Chromium (Debian's `chromium`) driven over the DevTools protocol with websocket-client (a
 kfp dependency): open a page, wait until a JavaScript condition holds, run some JavaScript, take a
-screenshot. For the scripts that retake the README's pictures (readme_walk.py,
+screenshot; and `serving`, a local server (mlflow ui, mlflow models serve) for the time a page is
+looked at. For the scripts that retake the README's pictures (readme_walk.py,
 mlflow_compare_screenshot.py).
 
 `offline=True` sends every http(s) request to a closed port on loopback (a proxy that refuses), so
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -78,6 +81,35 @@ class Page:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(base64.b64decode(data))
         return out
+
+
+@contextmanager
+def serving(cmd: list[str], ready: str, log_path: Path, cwd: Path, env: dict[str, str] | None = None,
+            timeout_s: float = 300) -> Iterator[float]:
+    """Run the server `cmd` (its own process group, output to `log_path`) until the block ends;
+    yields the seconds until the URL `ready` answered."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        start = time.monotonic()
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"{cmd[0]} exited: see {log_path}")
+                try:
+                    urllib.request.urlopen(ready, timeout=2)
+                    break
+                except OSError:
+                    if time.monotonic() - start > timeout_s:
+                        raise SystemExit(f"{' '.join(cmd[:3])} did not answer within {timeout_s:.0f} s") from None
+                    time.sleep(0.5)
+            yield time.monotonic() - start
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextmanager

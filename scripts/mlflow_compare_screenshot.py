@@ -23,19 +23,16 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mlflow
-from browser import browser, free_port
+from browser import browser, free_port, serving
 
 from tasn.config import load_config
 from tasn.data.dvc_remote import materialize
@@ -46,35 +43,10 @@ from tasn.training import train
 from tasn.training.outputs import MODEL
 
 
-def start_server(root: Path, store: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on the sqlite file `store`; its log and any new artifacts under `root`."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store.resolve()}", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"mlflow server exited: see {root / 'server.log'}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("mlflow server did not start within 180 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+def server_command(root: Path, store: Path, port: int) -> list[str]:
+    """`mlflow server` on the sqlite file `store`, any new artifacts under `root`."""
+    return [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{store.resolve()}", "--artifacts-destination", str(root / "artifacts")]
 
 
 def train_and_evaluate(kind: str, data: Path, work: Path, url: str, epochs: int | None) -> str:
@@ -146,23 +118,24 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.store is not None:
         shutil.copyfile(args.store, work / "mlflow.db")
-    proc, url = start_server(work, work / "mlflow.db")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     try:
-        if args.runs:
-            runs = list(args.runs)
-        else:
-            cfg = load_config(ROOT / "params.yaml")
-            raw = materialize(ROOT / "data.dvc", ROOT / "dvc-storage", work / "raw")
-            preprocess(raw, work / "prepared", cfg.preprocess)
-            runs = [train_and_evaluate(kind, work / "prepared", work, url, args.epochs)
-                    for kind in ("tasn", "baseline")]
-        exp = mlflow.MlflowClient(url).get_run(runs[0]).info.experiment_id
-        page = f"{url}/#/compare-runs?runs={json.dumps(runs)}&experiments={json.dumps([exp])}"
-        print("comparing", page)
-        screenshot(page, Path(args.out), args.width, args.wait)
-        print("wrote", args.out)
+        with serving(server_command(work, work / "mlflow.db", port), url + "/health", work / "server.log", work):
+            if args.runs:
+                runs = list(args.runs)
+            else:
+                cfg = load_config(ROOT / "params.yaml")
+                raw = materialize(ROOT / "data.dvc", ROOT / "dvc-storage", work / "raw")
+                preprocess(raw, work / "prepared", cfg.preprocess)
+                runs = [train_and_evaluate(kind, work / "prepared", work, url, args.epochs)
+                        for kind in ("tasn", "baseline")]
+            exp = mlflow.MlflowClient(url).get_run(runs[0]).info.experiment_id
+            page = f"{url}/#/compare-runs?runs={json.dumps(runs)}&experiments={json.dumps([exp])}"
+            print("comparing", page)
+            screenshot(page, Path(args.out), args.width, args.wait)
+            print("wrote", args.out)
     finally:
-        stop_server(proc)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0

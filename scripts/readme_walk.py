@@ -28,17 +28,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from browser import browser, free_port
+from browser import browser, free_port, serving
 from machine import load, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -110,35 +107,6 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-@contextmanager
-def serving(walk: Walk, cmd: list[str], ready: str, what: str, timeout: float = 300) -> Iterator[float]:
-    """A server started in the clone (its own process group), the seconds until `ready` answered."""
-    log = open(walk.clone / f"{what}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=walk.clone, env=walk.env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    start = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{what} exited: see {log.name}")
-            try:
-                urllib.request.urlopen(ready, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() - start > timeout:
-                    raise SystemExit(f"{what} did not answer within {timeout:.0f} s") from None
-                time.sleep(0.5)
-        yield time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
 def make_run(walk: Walk) -> None:
     walk.run("make run (dvc pull + dvc repro: validate, preprocess, train 8 epochs, evaluate, register)",
              ["./scripts/run_pipeline.sh"])
@@ -151,7 +119,7 @@ def mlflow_ui(walk: Walk) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = ["mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1", "--port", str(port)]
-    with serving(walk, cmd, url + "/health", "mlflow-ui") as seconds:
+    with serving(cmd, url + "/health", walk.clone / "mlflow-ui.log", walk.clone, walk.env) as seconds:
         walk.record("mlflow ui (until it answers)", seconds, "")
         exp = json.load(urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tasn"))
         exp = exp["experiment"]
@@ -215,7 +183,7 @@ def predict_and_serve(walk: Walk) -> None:
     cmd = ["mlflow", "models", "serve", "-m", "models:/tasn@staging", "--env-manager", "local", "-p", str(port)]
     walk.env["MLFLOW_TRACKING_URI"] = "sqlite:///mlflow.db"
     try:
-        with serving(walk, cmd, f"http://127.0.0.1:{port}/ping", "serve") as seconds:
+        with serving(cmd, f"http://127.0.0.1:{port}/ping", walk.clone / "serve.log", walk.clone, walk.env) as seconds:
             body = json.dumps({"dataframe_records": [{"image": base64.b64encode(images[0].read_bytes()).decode()}]})
             request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
                                              {"Content-Type": "application/json"})
