@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run demo-results readme-walk test test-fast install system-deps bench lint duplicates clean help
+.PHONY: run demo-results readme-walk test test-fast test-image image image-gpu install system-deps bench lint duplicates clean help
 
 help:
 	@echo "make run     - install if needed, pull the embedded sample through DVC, run the whole pipeline (dvc repro)"
@@ -15,6 +15,9 @@ help:
 	@echo "make test    - install if needed (Python packages and the test servers), run the test suite"
 	@echo "make bench   - CPU benchmarks (sampler, loader, train step); GPU: benchmarks/gpu_check.sh"
 	@echo "make lint    - ruff, mypy, byte-compile, and look for copy-paste twins"
+	@echo "make image   - build the CPU image tasn:cpu (podman or docker; offline: bases from Debian and PyPI)"
+	@echo "make image-gpu - build the CUDA image tasn:cuda on it (the fused op compiled for sm_80 and sm_90)"
+	@echo "make test-image - build tasn:cpu and tasn:cuda, then run the compiled pipeline and 2-node training in them"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,8 +73,24 @@ readme-walk: install
 test: install system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Images (scripts/image.py; docs/cluster.md): podman, or docker where that is what the machine has;
+# podman and its helpers come from Debian when absent (as root). The system python3 runs the script.
+image:
+	nice -n 5 $(PYTHON) scripts/image.py cpu
+
+image-gpu:
+	nice -n 5 $(PYTHON) scripts/image.py cuda
+
+# The image tests (marker `image`; `make test` leaves them out): both images built (the CUDA one on
+# the CPU one), then the compiled pipeline task by task, two-node training and the CUDA image's
+# prebuilt op, in containers of the images just built, against the test servers. Where no
+# container engine can run (not root, none installed), nothing is built and each test skips, saying why.
+test-image: install system-deps
+	nice -n 5 $(PYTHON) scripts/image.py cuda --if-possible
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m image
+
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration and not slow"
+	$(BIN)/python -m pytest -q -m "not integration and not slow and not image"
 
 bench: install
 	$(BIN)/python benchmarks/sampler.py

@@ -5,7 +5,12 @@ blobs, power 2): the reference (tasn.model.sampler, composed ops), optionally th
 torch.compile (`--compiled`), the fused op and its two kernels alone, forward and forward+backward;
 CUDA events, median of `--runs`. The bandwidth floor is one read of the images plus one write of the
 output at the measured device-to-device copy bandwidth; "x floor" is time / floor.
-On CPU only the reference runs (n = 8 by default): there is no fused CPU path worth timing.
+On CPU only the reference runs (n = 8 by default): there is no fused CPU path worth timing
+(`--cpu-kernels` times the op's CPU kernels anyway, which runs every path of this script without a GPU).
+When the fused op is not available on a CUDA machine (built without the CUDA toolkit, say), the
+reference rows are still measured, every fused row is refused with the reason, and the script exits 1:
+a figure of the reference is never reported as the op's. Each row is printed, and written to `--json`,
+as soon as it is measured, so a run cut off keeps what it measured.
 
     python benchmarks/sampler.py                          # prints a markdown table
     python benchmarks/sampler.py --append benchmarks/RESULTS.md --json out.json
@@ -75,61 +80,83 @@ def copy_bandwidth(nbytes: int = 1 << 30, runs: int = 20) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def bench_cuda(args) -> list[dict]:
-    ops.load(required=True)
-    bw = copy_bandwidth()
-    rows = []
-    att = structure_maps(args.n, 28, 28, "cuda")
-    for dtype in args.dtypes:
-        images = torch.rand(args.n, 3, args.size, args.size, device="cuda").to(dtype)
-        call = (args.out, args.dense, args.iters, args.power)
-        floor_ms = (images.numel() + args.n * 3 * args.out**2) * images.element_size() / bw * 1e3
-        fused = lambda: torch.ops.tasn.attention_sample(images, att, *call)  # noqa: E731
+def bench(args, rows: list[dict], device: torch.device) -> str | None:
+    """Append the rows to `rows` as they are measured; returns why the fused op was refused, if it was.
+
+    On CUDA: the reference (and under torch.compile), the fused op and its two kernels, forward for
+    each dtype, forward+backward in float32. On CPU only the reference, unless `--cpu-kernels`: the
+    same table with the op's CPU kernels (slow, serial per image; they exist to test the arithmetic,
+    and this runs the script's every path without a GPU)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        refused = None if ops.available() else ops.unavailable_reason()
+    elif args.cpu_kernels:
+        refused = None if ops.load() else f"the library could not be built or loaded: {ops._load_error}"
+    else:
+        refused = "not timed on CPU (--cpu-kernels times the op's CPU kernels)"
+    bw = copy_bandwidth() if cuda else None
+    timer = time_cuda if cuda else time_cpu
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+
+    def add(**row):
+        rows.append(dict(row, device=name, copy_bandwidth_gbs=bw / 1e9 if bw else None))
+        report(rows, args)
+
+    att = structure_maps(args.n, 28, 28, device)
+    call = (args.out, args.dense, args.iters, args.power)
+    for dtype in args.dtypes if cuda or args.cpu_kernels else [torch.float32]:
+        images = torch.rand(args.n, 3, args.size, args.size, device=device).to(dtype)
+        floor_ms = (images.numel() + args.n * 3 * args.out**2) * images.element_size() / bw * 1e3 if bw else None
+        dtype_name = str(dtype).replace("torch.", "")
         impls = {"reference (composed ops)": lambda: reference_attention_sample(images, att, *call)}
         if args.compiled:
             compiled = torch.compile(reference_attention_sample)
             impls["reference + torch.compile"] = lambda: compiled(images, att, *call)
-        impls["fused op"] = fused
-        coords = torch.ops.tasn.sampler_coordinates(att, args.size, *call)
-        coords = coords.to(torch.float64 if dtype == torch.float64 else torch.float32)
-        impls["fused: coordinates kernel"] = lambda: torch.ops.tasn.sampler_coordinates(att, args.size, *call)
-        impls["fused: gather kernel"] = lambda: torch.ops.tasn.bilinear_gather(images, coords)
-        diff = (fused().double() - reference_attention_sample(images, att, *call).double()).abs().max().item()
+        diff = None
+        if refused is None:
+            fused = lambda: torch.ops.tasn.attention_sample(images, att, *call)  # noqa: E731
+            impls["fused op"] = fused
+            coords = torch.ops.tasn.sampler_coordinates(att, args.size, *call)
+            coords = coords.to(torch.float64 if dtype == torch.float64 else torch.float32)
+            impls["fused: coordinates kernel"] = lambda: torch.ops.tasn.sampler_coordinates(att, args.size, *call)
+            impls["fused: gather kernel"] = lambda: torch.ops.tasn.bilinear_gather(images, coords)
+            diff = (fused().double() - reference_attention_sample(images, att, *call).double()).abs().max().item()
         ref_ms = None
-        for name, fn in impls.items():
-            ms = time_cuda(fn, args.runs)
+        for impl, fn in impls.items():
+            ms = timer(fn, args.runs)
             ref_ms = ref_ms or ms
-            rows.append(dict(impl=name, pass_="forward", dtype=str(dtype).replace("torch.", ""), ms=ms,
-                             speedup=ref_ms / ms, floor_ms=floor_ms, max_abs_diff=diff if name == "fused op" else None))
-        if dtype == torch.float32:  # a training step runs the backward too
-            weight = torch.rand(args.n, 3, args.out, args.out, device="cuda")
+            add(impl=impl, pass_="forward", dtype=dtype_name, ms=ms, speedup=ref_ms / ms, floor_ms=floor_ms,
+                max_abs_diff=diff if impl == "fused op" else None)
+        if refused is not None and (cuda or args.cpu_kernels):
+            add(impl="fused op", pass_="forward", dtype=dtype_name, ms=None, speedup=None, floor_ms=None,
+                max_abs_diff=None, refused=refused)
+        if dtype == torch.float32 and (cuda or args.cpu_kernels):  # a training step runs the backward too
+            weight = torch.rand(args.n, 3, args.out, args.out, device=device)
             ref_ms = None
-            for name, op in (("reference (composed ops)", reference_attention_sample),
-                             ("fused op", torch.ops.tasn.attention_sample)):
+            passes = [("reference (composed ops)", reference_attention_sample)]
+            if refused is None:
+                passes.append(("fused op", torch.ops.tasn.attention_sample))
+            for impl, op in passes:
                 x = images.clone().requires_grad_()
 
                 def step(op=op, x=x):
                     x.grad = None
                     (op(x, att, *call) * weight).sum().backward()
 
-                ms = time_cuda(step, args.runs)
+                ms = timer(step, args.runs)
                 ref_ms = ref_ms or ms
-                rows.append(dict(impl=name, pass_="forward+backward", dtype="float32", ms=ms, speedup=ref_ms / ms,
-                                 floor_ms=None, max_abs_diff=None))
-    for r in rows:
-        r["device"] = torch.cuda.get_device_name()
-        r["copy_bandwidth_gbs"] = bw / 1e9
-    return rows
+                add(impl=impl, pass_="forward+backward", dtype="float32", ms=ms, speedup=ref_ms / ms, floor_ms=None,
+                    max_abs_diff=None)
+    return refused if cuda or args.cpu_kernels else None
 
 
-def bench_cpu(args) -> list[dict]:
-    att = structure_maps(args.n, 28, 28, "cpu")
-    images = torch.rand(args.n, 3, args.size, args.size)
-    ms = time_cpu(lambda: reference_attention_sample(images, att, args.out, args.dense, args.iters, args.power),
-                  args.runs)
-    return [dict(impl="reference (composed ops)", pass_="forward", dtype="float32", ms=ms, speedup=1.0,
-                 floor_ms=None, max_abs_diff=None, device=f"CPU, {torch.get_num_threads()} threads",
-                 copy_bandwidth_gbs=None)]
+def report(rows: list[dict], args) -> None:
+    """The newest row on stdout and every row so far in `--json`: a run cut off keeps what it measured."""
+    r = rows[-1]
+    what = f"NOT MEASURED: {r['refused']}" if r.get("refused") else f"{r['ms']:.3f} ms"
+    print(f"{r['impl']}, {r['pass_']}, {r['dtype']}: {what}", flush=True)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
 
 
 def table(rows: list[dict], args) -> str:
@@ -142,6 +169,9 @@ def table(rows: list[dict], args) -> str:
     lines = [head, "", "| impl | pass | dtype | ms (median) | speed-up vs reference | x floor | max abs diff |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("refused"):
+            lines.append(f"| {r['impl']} | {r['pass_']} | {r['dtype']} | not measured: {r['refused']} | | | |")
+            continue
         floor = f"{r['ms'] / r['floor_ms']:.2f} (floor {r['floor_ms']:.3f} ms)" if r["floor_ms"] else ""
         diff = f"{r['max_abs_diff']:.2e}" if r["max_abs_diff"] is not None else ""
         lines.append(f"| {r['impl']} | {r['pass_']} | {r['dtype']} | {r['ms']:.3f} | {r['speedup']:.1f}x | {floor} "
@@ -168,19 +198,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=100 if cuda else 5)
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated image dtypes (CUDA)")
     p.add_argument("--compiled", action="store_true", help="also time the reference under torch.compile")
+    p.add_argument("--cpu-kernels", action="store_true", help="on CPU, also time the op's CPU kernels")
     p.add_argument("--append", type=Path, help="insert the table into this RESULTS.md")
     p.add_argument("--json", type=Path, help="write the rows as JSON")
     args = p.parse_args(argv)
     args.dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     if args.size < 2 or args.out < 2 or args.n < 1:
         p.error("--n >= 1, --size >= 2 and --out >= 2 are required")
-    rows = bench_cuda(args) if cuda else bench_cpu(args)
+    rows: list[dict] = []
+    refused = bench(args, rows, torch.device("cuda" if cuda else "cpu"))
     text = table(rows, args)
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if args.append:
         append_results(args.append, text)
+    if refused:
+        print(f"error: the fused op was not measured: {refused}", file=sys.stderr)
+        return 1
     return 0
 
 

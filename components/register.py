@@ -75,7 +75,7 @@ def promote(name: str, version: str, config: str, kfp_run_id: str, mlflow_config
     outcome the log reports, not a failure to retry.
     """
     from components.runtime import run_tasn
-    from tasn.commands.registry import REFUSED_EXIT
+    from tasn.registry import REFUSED_EXIT
 
     code = run_tasn(["promote", "--name", name, "--version", version], config, kfp_run_id=kfp_run_id,
                     mlflow_config_map=mlflow_config_map, ok=(0, REFUSED_EXIT))

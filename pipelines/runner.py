@@ -21,11 +21,20 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import kfp
+import yaml
 from kfp import compiler, local
 from kfp.local import logging_utils as local_logging
 
-from pipelines.stage_configs import stage_configs
-from pipelines.tasn_pipeline import PIPELINE_NAME, build_pipeline, tasn_pipeline
+from pipelines.server import check_server, find_pipeline, server_info
+from pipelines.stage_configs import refuse_credentials, stage_configs
+from pipelines.tasn_pipeline import (
+    MLFLOW_SECRET,
+    PIPELINE_NAME,
+    RUN_WINDOW_S,
+    S3_SECRET,
+    build_pipeline,
+    tasn_pipeline,
+)
 from tasn import lineage
 from tasn.config import Config, load_config
 from tasn.errors import ServiceError, TASNError
@@ -36,7 +45,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 COMPILED = PROJECT_ROOT / "pipelines" / "tasn_pipeline.yaml"
 # The states in which a KFP run has ended (V2beta1RuntimeState); only SUCCEEDED is a success.
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")
-WAIT_TIMEOUT_S = 8 * 24 * 3600.0  # longer than the train task's own timeout (TIMEOUTS["train"])
+WAIT_TIMEOUT_S = float(RUN_WINDOW_S)  # a run retried as often and as long as its tasks may be
 POLL_S = 30.0  # between two looks at a run `submit --wait` follows
 LOG = "run-local.log"  # under the pipeline root: every task's whole output, as kfp.local printed it
 EXECUTOR_INPUT, EXECUTOR_INPUT_END = "Got executor_input:", "    }"  # the JSON a KFP executor logs, indented
@@ -196,14 +205,26 @@ def connect(host: str | None, token: str | None, namespace: str | None = None) -
         raise ServiceError(f"Kubeflow Pipelines at {host} refused or could not be reached: {_short(exc)}") from exc
 
 
+def checked_client(host: str | None, token: str | None, namespace: str | None) -> tuple[kfp.Client, str]:
+    """A client for a server that can run this pipeline (pipelines/server.py: its backend version,
+    a namespace on a multi-user server), and the pipeline compiled here."""
+    client = connect(host, token, namespace)
+    url = _ui_url(host or os.environ.get("KFP_HOST", ""))
+    info = server_info(client, url)
+    text = compile_to_text()
+    check_server(info, url, list(yaml.safe_load_all(text)), namespace)
+    return client, text
+
+
 def upload(client: kfp.Client, name: str = PIPELINE_NAME, version: str | None = None,
-           namespace: str | None = None) -> dict[str, str]:
-    """Upload the compiled pipeline as a new version of the named pipeline (created with this as
-    its first version when it does not exist yet); returns the pipeline's and the version's ids."""
+           namespace: str | None = None, text: str | None = None) -> dict[str, str]:
+    """Upload the compiled pipeline (`text`, else compiled now) as a new version of the pipeline
+    `name` in `namespace` (created with this as its first version when it does not exist there
+    yet); returns the pipeline's and the version's ids."""
     version = version or default_version_name()
     with tempfile.TemporaryDirectory() as tmp:
-        package = str(compile_pipeline(Path(tmp) / "tasn_pipeline.yaml"))
-        pipeline_id = client.get_pipeline_id(name)
+        package = str(atomic_write_text(Path(tmp) / "tasn_pipeline.yaml", text or compile_to_text()))
+        pipeline_id = find_pipeline(client, name, namespace)
         if pipeline_id is None:
             pipeline_id = client.upload_pipeline(package, pipeline_name=name, namespace=namespace,
                                                  description=tasn_pipeline.description).pipeline_id
@@ -230,16 +251,18 @@ def submit(host: str | None, token: str | None, data_uri: str, experiment: str =
 
     A one-off run of the pipeline compiled here, or (`pipeline_name`) a run of a new version of
     that named pipeline, uploaded first. With `wait`, follow the run to its end: the result holds
-    its final `state`.
+    its final `state`. Refused before anything is sent: an argument that holds a credential, a
+    server older than the pipeline needs, a multi-user server without `namespace`.
     """
     args = arguments(data_uri, resolve_config(params, profile, overrides), **pipeline_args)
+    refuse_credentials(args, namespace, args.get("s3_secret", S3_SECRET), args.get("mlflow_secret", MLFLOW_SECRET))
     run_name = run_name or f"tasn-{time.strftime('%Y%m%d-%H%M%S')}"
-    client = connect(host, token, namespace)
+    client, text = checked_client(host, token, namespace)
     url = _ui_url(host or os.environ.get("KFP_HOST", ""))
     result: dict[str, Any] = {}
     try:
         if pipeline_name:
-            result.update(upload(client, pipeline_name, pipeline_version, namespace=namespace))
+            result.update(upload(client, pipeline_name, pipeline_version, namespace=namespace, text=text))
             exp = client.create_experiment(experiment, namespace=namespace or None)
             run = client.run_pipeline(exp.experiment_id, run_name, params=args, pipeline_id=result["pipeline_id"],
                                       version_id=result["version_id"], pipeline_root=pipeline_root)

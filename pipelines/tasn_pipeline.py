@@ -5,19 +5,28 @@ flat as in the kfp samples; `tasn pipeline compile` writes the YAML beside this 
 keeps the two in step. What the cluster needs is set here, per task, the Kubernetes way
 (kfp-kubernetes, in the compiled YAML's `platforms.kubernetes`):
 
-- environment: the S3 endpoint, region, work prefix and keys for the tasks that touch S3, the
-  MLflow address and credentials for the tasks that talk to MLflow, from the ConfigMaps and Secrets
-  `infra/k8s` creates (their names are pipeline parameters); those tasks also carry the pod label
-  the MLflow NetworkPolicy admits (`tasn/mlflow-client`);
-- requests and limits and a timeout on every task; the GPU nodes' selector and toleration on a
-  single-node GPU train task (computed by `train-plan`, since KFP has no arithmetic on parameters);
+- environment: the S3 endpoint, region, work prefix and keys for every task that reads or writes
+  S3 itself or through its KFP launcher (an artifact outside the pipeline root's bucket, such as the
+  imported raw data, is opened with the pod's own credentials: `fetchNonDefaultBuckets` in KFP's
+  backend/src/v2/component/launcher_v2.go), the MLflow address and credentials for the tasks that
+  talk to MLflow, from the ConfigMaps and Secrets `infra/k8s` creates (their names are pipeline
+  parameters); those tasks also carry the pod label the MLflow NetworkPolicy admits
+  (`tasn/mlflow-client`). The pipeline root itself is reached through the `kfp-launcher`
+  ConfigMap's `providers` (infra/k8s/kfp-profile);
+- requests and limits, a timeout and a /tmp volume (the image's root is read-only) on every task;
+  the GPU nodes' selector and toleration on a single-node GPU train task (computed by `train-plan`,
+  since KFP has no arithmetic on parameters; its GPU count is a string, the only type the driver
+  reads into a resource limit); a memory-backed /dev/shm for the DataLoader workers of train and
+  evaluate;
 - caching per stage: validate and preprocess are cached on their own config section and the data
   version of `data_uri` (the data-version task), so `-S train.lr=...` reruns train and what follows,
   and data changed in place reruns everything; tasks that write to MLflow are never cached;
-- retries with backoff for transient failures (a preempted node, an S3 or MLflow hiccup): training
-  resumes from its checkpoints under `<work_uri>/<run id>`, register finds its own version again,
-  and the tasks that run `tasn promote` retry for longer than one promotion-lock lease, so a lock
-  left by a killed promoter is taken over rather than failing the run;
+- retries with backoff on every task that is safe to run again (training resumes from its
+  checkpoints under `<work_uri>/<run id>`, register finds its own version again, promote finds the
+  alias already moved): Argo's `backoff.maxDuration` is a window from the first attempt's start
+  that also becomes each retried pod's deadline, so each task's window covers all its attempts at
+  their full timeout (`retry_window`). Which failures are retried is the Argo controller's
+  `retryPolicy` (KFP compiles none): docs/cluster.md, "Retries";
 - an exit handler that deletes the run's multi-node training job however the run ends.
 """
 
@@ -37,8 +46,9 @@ PIPELINE_NAME = "tasn"
 # The project's TrainingRuntime (infra/k8s/base/training-runtime.yaml) and its namespace.
 DEFAULT_RUNTIME = "tasn-torch-distributed"
 DEFAULT_NAMESPACE = "tasn"
-RETRIES = 2  # transient failures in a cluster: preempted node, S3 or MLflow hiccup
-BACKOFF_S, BACKOFF_FACTOR, BACKOFF_MAX_S = 30, 2.0, 3600
+RETRIES = 2  # a pod lost with its node or preempted (which failures Argo retries: docs/cluster.md, "Retries")
+# Argo waits BACKOFF_S * BACKOFF_FACTOR**k before retry k+1; KFP sets no `cap`, so the wait grows unbounded.
+BACKOFF_S, BACKOFF_FACTOR = 30, 2.0
 
 # What infra/k8s creates in the `tasn` namespace and in each Kubeflow profile namespace.
 S3_CONFIG_MAP, S3_SECRET = "tasn-s3-config", "tasn-s3-credentials"
@@ -51,6 +61,18 @@ MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # egress for pipeline pods that run in the `tasn` namespace itself.
 MLFLOW_CLIENT_LABEL = ("tasn/mlflow-client", "true")
 RUNNER_LABEL = ("app.kubernetes.io/component", "pipeline-runner")
+# The tasks whose S3 environment (keys and endpoint) the pod gets: those that touch S3 themselves
+# (data, checkpoints, MLflow artifacts) and those whose launcher downloads an artifact from outside
+# the pipeline root's bucket (validate and preprocess read the imported raw data).
+S3_TASKS = ("data-version", "validate", "preprocess", "train", "evaluate", "register", "gate", "promote")
+MLFLOW_TASKS = ("train", "evaluate", "register", "gate", "promote")
+# /dev/shm of train and evaluate, memory-backed (a pod's own is 64 MiB, Argo mounts none). The loaders
+# keep workers x prefetch (2) batches of float32 images in it per process: the cub profile's evaluation
+# batches (8 workers x 2 x 32 x 3 x 512 x 512 x 4 B) are 1.5 GiB per process, 12 GiB for 8 GPUs, 24 for
+# 16. Its pages count against the task's memory limit (`train_memory`); the limit here only caps it.
+DEV_SHM = "/dev/shm"
+SHM_SIZE = "32Gi"
+SHM_TASKS = ("train", "evaluate")
 # GPU nodes as docs/cluster.md describes them (NVIDIA GPU Operator / device plugin), in kubectl's
 # notation (label `key=value[,key=value]`, taint `key:Effect[,...]`): strings, because KFP compiles a
 # dict or list default in no fixed key order, and the committed YAML must not change by itself.
@@ -65,18 +87,33 @@ TIMEOUTS = {"data-version": HOUR // 2, "validate": 6 * HOUR, "preprocess": 12 * 
             "promote": HOUR // 2, "cleanup": 900}
 
 
-def retries_outlasting(lease_s: float, backoff_s: float = BACKOFF_S, factor: float = BACKOFF_FACTOR,
-                       max_s: float = BACKOFF_MAX_S) -> int:
-    """The fewest retries whose backoffs (backoff_s * factor**k, each capped at max_s) add up to more
-    than `lease_s`: a task retried that often outlives a promotion lock whose holder died."""
-    retries, waited = 0, 0.0
-    while waited <= lease_s:
-        waited += min(backoff_s * factor**retries, max_s)
+def backoffs(retries: int, backoff_s: float = BACKOFF_S, factor: float = BACKOFF_FACTOR) -> list[float]:
+    """Argo's waits before each retry: `duration * factor**k` (workflow/controller/operator.go,
+    processNodeRetries; KFP compiles no `cap`)."""
+    return [backoff_s * factor**k for k in range(retries)]
+
+
+def retries_outlasting(lease_s: float, backoff_s: float = BACKOFF_S, factor: float = BACKOFF_FACTOR) -> int:
+    """The fewest retries whose backoffs add up to more than `lease_s`: a task retried that often
+    outlives a promotion lock whose holder died."""
+    retries = 0
+    while sum(backoffs(retries, backoff_s, factor)) <= lease_s:
         retries += 1
     return retries
 
 
+def retry_window(timeout_s: int, retries: int) -> int:
+    """Argo's `backoff.maxDuration` for a task: every attempt at its full timeout plus every wait.
+
+    Argo counts the window from the first attempt's start, gives up on a retry whose wait would end
+    after it, and makes its end the deadline of each retried pod (processNodeRetries sets the
+    node's executionDeadline), so a shorter window cuts the later attempts short or drops them."""
+    return int((retries + 1) * timeout_s + sum(backoffs(retries)))
+
+
 PROMOTE_RETRIES = retries_outlasting(LOCK_LEASE_S)
+# The longest a run can take: every task's whole retry window, one after the other (an upper bound).
+RUN_WINDOW_S = sum(retry_window(t, max(RETRIES, PROMOTE_RETRIES)) for t in TIMEOUTS.values())
 
 
 def build_pipeline(retries: int = RETRIES):
@@ -87,11 +124,14 @@ def build_pipeline(retries: int = RETRIES):
         """Image, requests = limits, timeout, retries with backoff, caching: what every task sets."""
         task.set_container_image(image)
         task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+        # The image runs on a read-only root: the executor's `sh -ec` wrapper (mktemp -d) and KFP's
+        # output parameter files (/tmp/kfp/outputs) need a writable /tmp.
+        kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path="/tmp")
         kubernetes.set_timeout(task, TIMEOUTS[name])
         kubernetes.add_pod_label(task, *RUNNER_LABEL)
         if retries:
             task.set_retry(num_retries=retries, backoff_duration=f"{BACKOFF_S}s", backoff_factor=BACKOFF_FACTOR,
-                           backoff_max_duration=f"{BACKOFF_MAX_S}s")
+                           backoff_max_duration=f"{retry_window(TIMEOUTS[name], retries)}s")
         task.set_caching_options(enable_caching=cache)
         return task
 
@@ -137,41 +177,46 @@ def build_pipeline(retries: int = RETRIES):
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-        def s3(task):
-            kubernetes.use_config_map_as_env(task, s3_config_map, {k: k for k in S3_CONFIG_KEYS})
-            kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in S3_SECRET_KEYS})
+        def cluster(task, name: str, cpu, memory, retries: int = retries, cache: bool = False):
+            """What `name` needs in a cluster: `_configure`, and the S3 and MLflow environment, the
+            MLflow client label and the memory-backed /dev/shm where the task's list says so."""
+            _configure(task, image, cpu, memory, name, retries, cache)
+            if name in S3_TASKS:
+                kubernetes.use_config_map_as_env(task, s3_config_map, {k: k for k in S3_CONFIG_KEYS})
+                kubernetes.use_secret_as_env(task, s3_secret, {k: k for k in S3_SECRET_KEYS})
+            if name in MLFLOW_TASKS:
+                kubernetes.use_config_map_as_env(task, mlflow_config_map, {k: k for k in MLFLOW_CONFIG_KEYS})
+                kubernetes.use_secret_as_env(task, mlflow_secret, {k: k for k in MLFLOW_SECRET_KEYS})
+                kubernetes.add_pod_label(task, *MLFLOW_CLIENT_LABEL)
+            if name in SHM_TASKS:
+                kubernetes.empty_dir_mount(task, "dshm", DEV_SHM, medium="Memory", size_limit=SHM_SIZE)
             return task
 
-        def mlflow(task):
-            kubernetes.use_config_map_as_env(task, mlflow_config_map, {k: k for k in MLFLOW_CONFIG_KEYS})
-            kubernetes.use_secret_as_env(task, mlflow_secret, {k: k for k in MLFLOW_SECRET_KEYS})
-            kubernetes.add_pod_label(task, *MLFLOW_CLIENT_LABEL)
-            return task
-
+        promote_retries = PROMOTE_RETRIES if retries else 0
         cleaned = cleanup(num_nodes=num_nodes, namespace=trainjob_namespace, job_kind=job_kind, kfp_run_id=run_id)
-        _configure(cleaned, image, "250m", "512Mi", "cleanup")
+        cluster(cleaned, "cleanup", "250m", "512Mi")
         with dsl.ExitHandler(cleaned, name="tasn-run"):
-            version = s3(_configure(data_version(data_uri=data_uri), image, "500m", "1Gi", "data-version"))
+            version = cluster(data_version(data_uri=data_uri), "data-version", "500m", "1Gi")
             raw = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
             raw.set_display_name("raw-data")
 
             checked = validate(data=raw.output, config=validate_config, data_version=version.output)
-            _configure(checked, image, "2", "4Gi", "validate", cache=True)
+            cluster(checked, "validate", "2", "4Gi", cache=True)
             prepared_task = preprocess(data=raw.output, config=preprocess_config, data_version=version.output)
-            _configure(prepared_task, image, "4", "8Gi", "preprocess", cache=True)
+            cluster(prepared_task, "preprocess", "4", "8Gi", cache=True)
             prepared_task.after(checked)
             prepared = prepared_task.outputs["prepared"]
 
             plan = train_plan(num_nodes=num_nodes, gpus_per_node=gpus_per_node, cpu=train_cpu, memory=train_memory,
                               gpu_node_label=gpu_node_label, gpu_taint=gpu_taint)
-            _configure(plan, image, "100m", "256Mi", "train-plan", retries=0)
+            cluster(plan, "train-plan", "100m", "256Mi", retries=0)
             trained = train(
                 prepared=prepared, config=train_config, image=image, num_nodes=num_nodes,
-                gpus_per_node=gpus_per_node, accelerator_type=accelerator_type, work_uri=work_uri,
-                namespace=trainjob_namespace, runtime=trainer_runtime, job_kind=job_kind, kfp_run_id=run_id,
-                mlflow_config_map=mlflow_config_map,
+                gpus_per_node=gpus_per_node, accelerator_type=accelerator_type, node_cpu=train_cpu,
+                node_memory=train_memory, work_uri=work_uri, namespace=trainjob_namespace, runtime=trainer_runtime,
+                job_kind=job_kind, kfp_run_id=run_id, mlflow_config_map=mlflow_config_map,
             )
-            mlflow(s3(_configure(trained, image, plan.outputs["cpu"], plan.outputs["memory"], "train")))
+            cluster(trained, "train", plan.outputs["cpu"], plan.outputs["memory"])
             trained.set_accelerator_type(accelerator_type).set_accelerator_limit(plan.outputs["gpus"])
             kubernetes.add_node_selector_json(trained, plan.outputs["node_selector"])
             kubernetes.add_toleration_json(trained, plan.outputs["tolerations"])
@@ -180,18 +225,18 @@ def build_pipeline(retries: int = RETRIES):
 
             scored = evaluate(prepared=prepared, model=model, config=evaluate_config, kfp_run_id=run_id,
                               mlflow_config_map=mlflow_config_map)
-            mlflow(s3(_configure(scored, image, train_cpu, train_memory, "evaluate")))
+            cluster(scored, "evaluate", train_cpu, train_memory)
             registered = register(model=model, evaluation=scored.outputs["evaluation"], config=register_config,
                                   kfp_run_id=run_id, mlflow_config_map=mlflow_config_map)
-            mlflow(_configure(registered, image, "1", "2Gi", "register"))
+            cluster(registered, "register", "1", "2Gi")
             name, version_number = registered.outputs["name"], registered.outputs["version"]
             decided = gate(name=name, version=version_number, config=register_config, kfp_run_id=run_id,
                            mlflow_config_map=mlflow_config_map)
-            mlflow(_configure(decided, image, "1", "2Gi", "gate", retries=PROMOTE_RETRIES if retries else 0))
+            cluster(decided, "gate", "1", "2Gi", retries=promote_retries)
             with dsl.If(decided.outputs["Output"] == True, name="candidate-wins"):  # noqa: E712 (a KFP condition)
                 promoted = promote(name=name, version=version_number, config=register_config, kfp_run_id=run_id,
                                    mlflow_config_map=mlflow_config_map)
-                mlflow(_configure(promoted, image, "1", "2Gi", "promote", retries=PROMOTE_RETRIES if retries else 0))
+                cluster(promoted, "promote", "1", "2Gi", retries=promote_retries)
 
     return tasn_pipeline
 

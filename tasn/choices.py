@@ -16,6 +16,15 @@ ModelKind = Literal["tasn", "baseline"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet18-slim"]
 # The attention net's trunk: BasicBlock ResNets only (its stride surgery and 512-channel head assume them).
 AttentionBackbone = Literal["resnet18", "resnet34", "resnet18-slim"]
+# torchvision's ImageNet weights for `model.pretrained: imagenet`: V1, the classic recipe (ResNet-50 76.1%
+# top-1; the authors' MXNet ResNet-50 is of that kind), or V2, torchvision's 2021 recipe (ResNet-50 80.9%).
+PretrainedWeights = Literal["IMAGENET1K_V1", "IMAGENET1K_V2"]
+# The versions torchvision has per architecture (ResNet-18 and -34: V1 only; the slim net: none).
+IMAGENET_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "resnet18": ("IMAGENET1K_V1",),
+    "resnet34": ("IMAGENET1K_V1",),
+    "resnet50": ("IMAGENET1K_V1", "IMAGENET1K_V2"),
+}
 # BatchNorm while training: per process, synchronised across processes (CUDA), or frozen running stats.
 BatchNormMode = Literal["local", "sync", "frozen"]
 # The attention sampler: the fused CUDA op when available, the PyTorch reference, or the op (required).
@@ -35,6 +44,7 @@ RegisterWhen = Literal["auto", True, False]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 ATTENTION_BACKBONES: tuple[str, ...] = get_args(AttentionBackbone)
+PRETRAINED_WEIGHTS: tuple[str, ...] = get_args(PretrainedWeights)
 BATCHNORM_MODES: tuple[str, ...] = get_args(BatchNormMode)
 SAMPLER_IMPLS: tuple[str, ...] = get_args(SamplerImpl)
 FASHION_LABELS: tuple[str, ...] = get_args(FashionLabel)

@@ -22,6 +22,7 @@ from typing import Any
 from tasn import storage
 from tasn.errors import TASNError
 from tasn.lineage import KFP_RUN_ID_ENV
+from tasn.redact import find_credential
 
 TRAINER_VERSION = "v2.1.0"
 TRAINING_OPERATOR_VERSION = "v1.8.1"
@@ -49,7 +50,9 @@ NODE_JOB = "node"  # the replicated job of the torch runtimes; podTemplateOverri
 PARAMS_ENV = "TASN_PARAMS_YAML"
 # Passed from the launcher's own environment to every node (values, never secrets).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-WORK_OUT = "out"  # node 0's outputs under work_uri (the job's checkpoints: <work_uri>/checkpoints)
+# Under a run's work prefix (`<work_uri>/<KFP run id>`): node 0's outputs, and the checkpoints that
+# `train.checkpoint_dir` points at (one node or many), so a retried task or restarted job resumes.
+WORK_OUT, WORK_CHECKPOINTS = "out", "ckpt"
 
 
 @dataclass
@@ -88,6 +91,13 @@ class TrainJobSpec:
                 raise TASNError(
                     f"{name} must be an s3:// URI that every node can reach for a multi-node run, got {value!r}"
                 )
+        overrides = [tuple(item.partition("=")[::2]) for item in self.overrides]
+        for name, value in [(PARAMS_ENV, self.params_yaml), *overrides]:
+            why = find_credential(name, value, by_name=name != PARAMS_ENV)
+            if why:
+                raise TASNError(f"{name} holds a credential ({why}): it would be stored in plain text in the "
+                                f"{self.kind}; credentials reach the nodes from the Secrets {self.s3_secret} and "
+                                f"{self.mlflow_secret}")
 
 
 def job_name(key: str) -> str:
@@ -100,6 +110,10 @@ def _env(spec: TrainJobSpec, environ: dict[str, str]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": PARAMS_ENV, "value": spec.params_yaml}]
     if spec.kfp_run_id:
         env.append({"name": KFP_RUN_ID_ENV, "value": spec.kfp_run_id})
+    for name in FORWARDED_ENV:
+        if environ.get(name) and find_credential(name, environ[name]):
+            raise TASNError(f"{name} holds a credential: the job's env would keep it in plain text; set the URI "
+                            f"without it and the user and password in the Secret {spec.mlflow_secret}")
     env += [{"name": k, "value": environ[k]} for k in FORWARDED_ENV if environ.get(k)]
     secrets = {spec.s3_secret: ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
                spec.mlflow_secret: ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}

@@ -15,7 +15,9 @@ retried launcher adopts its own job and the pipeline's exit task deletes it (`de
 the run ends, fails or is cancelled; `follow` gives up after `FOLLOW_TIMEOUT_S` by default.
 
 The objects themselves (`TrainJobSpec`, the Trainer v2.1 `TrainJob` and the legacy `PyTorchJob`)
-are rendered by `tasn.jobspec`; this module is the part that talks to the API server and S3.
+are rendered by `tasn.jobspec`; this module is the part that talks to the API server and S3. It
+needs the training stage's names, never the stage itself: the pipeline's exit task imports it to
+delete a job within 512 MiB, and importing torch alone would take most of that.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ from kubernetes import config as k8s_config
 from tasn import storage
 from tasn.config import installed_params, write_params
 from tasn.errors import ServiceError, TASNError
-from tasn.jobspec import KINDS, PARAMS_ENV, WORK_OUT, TrainJobSpec, job_name, render_job
+from tasn.jobspec import KINDS, PARAMS_ENV, WORK_CHECKPOINTS, WORK_OUT, TrainJobSpec, job_name, render_job
 from tasn.redact import install_log_redaction
 from tasn.storage import copy_tree
-from tasn.training.outputs import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def node_main(argv: list[str] | None = None) -> int:
     params = write_params(text, work) if text else installed_params()
     if not copy_tree(args.data_uri, str(data)):
         raise TASNError(f"no prepared data under {args.data_uri}")
-    overrides = [*args.overrides, f"train.checkpoint_dir={storage.join(args.work_uri, CHECKPOINTS)}",
+    overrides = [*args.overrides, f"train.checkpoint_dir={storage.join(args.work_uri, WORK_CHECKPOINTS)}",
                  "train.resume=auto"]
     argv_ = [sys.executable, "-m", "torch.distributed.run", "-m", "tasn.cli", "train",
              "--data", str(data), "--out", str(out), "--params", str(params)]

@@ -125,6 +125,24 @@ def _redact_override(item: str) -> str:
     return f"{key}={_redact_value(key, value)}" if eq else redact_text(item)
 
 
+def find_credential(name: str, value: Any, by_name: bool = True) -> str | None:
+    """Why `value` (under the key or variable `name`) is a credential, or None.
+
+    For what must never be stored in plain text (a KFP run's arguments, a job's env): a URI with
+    a user or password, the value of a secret-named key (`by_name`; off for names that hold a
+    Secret's *name*, such as `s3_secret`), or the value of one of this process's secret
+    environment variables."""
+    if not isinstance(value, str) or not value:
+        return None
+    if redact_uri(value) != value:
+        return "a URI with a user or password"
+    if by_name and is_secret_name(name):
+        return "the value of a secret-named key"
+    if value in secret_values():
+        return "the value of a secret environment variable here"
+    return None
+
+
 _installed = False
 
 

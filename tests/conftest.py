@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["fixtures.servers", "fixtures.postgres"]
+pytest_plugins = ["fixtures.servers", "fixtures.postgres", "fixtures.images"]
 
 # Tests never touch the network: no DVC analytics, no MLflow or torch hub downloads.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tasn.choices import BACKBONES
-from tasn.config import Config, ConfigError, ModelConfig, Range, check, load_config
+from tasn.config import Config, ConfigError, ModelConfig, Range, check, find_params, load_config
 from tasn.config.rules import field_types
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +150,24 @@ def test_a_config_built_in_code_is_held_to_the_same_rules():
     cfg.model.backbone = "vgg16"  # what the type checker refuses where it checks
     with pytest.raises(ConfigError, match="model.backbone: 'vgg16' is not one of"):
         check(cfg)
+
+
+def test_without_a_params_file_here_the_installed_one_and_its_profiles_are_read(tmp_path, monkeypatch):
+    """The image: no params.yaml in /workspace; $TASN_PARAMS names the installed file, and
+    `--profile NAME` finds profiles/NAME.yaml beside it. A params.yaml here still comes first."""
+    installed = tmp_path / "etc" / "tasn"
+    (installed / "profiles").mkdir(parents=True)
+    (installed / "params.yaml").write_text("train: {epochs: 3}\n")
+    (installed / "profiles" / "quick.yaml").write_text("train: {batch_size: 4}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TASN_PARAMS", str(installed / "params.yaml"))
+    cfg = load_config(find_params(), "quick")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (3, 4)
+    (tmp_path / "params.yaml").write_text("train: {epochs: 5}\n")
+    assert find_params() == Path("params.yaml")
+    monkeypatch.delenv("TASN_PARAMS")
+    (tmp_path / "params.yaml").unlink()
+    assert find_params() is None
 
 
 def test_unknown_profile_bad_yaml_and_profiles_left_in_the_params_file(tmp_path):

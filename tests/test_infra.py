@@ -34,6 +34,7 @@ INFRA = ROOT / "infra"
 sys.path.insert(0, str(INFRA / "crds"))
 import validate as crds  # noqa: E402  (infra/crds/validate.py)
 
+from pipelines.tasn_pipeline import S3_SECRET, S3_SECRET_KEYS  # noqa: E402  (what the tasks read S3 with)
 from tasn import jobspec  # noqa: E402  (its rendered jobs are pod templates too)
 
 OVERLAYS = ["local", "gpu"]
@@ -855,7 +856,7 @@ def test_network_params_drive_the_egress_policies(tmp_path):
     params = tree / "overlays" / "gpu" / "params.yaml"
     text = params.read_text()
     for key, value in {"s3Cidr": "10.20.30.0/24", "s3Port": "9443", "apiServerCidr": "10.0.0.1/32",
-                       "apiServerPort": "443"}.items():
+                       "apiServerPort": "443", "dnsServiceCidr": "10.43.0.10/32"}.items():
         text = re.sub(rf"^  {key}: .*$", f"  {key}: \"{value}\"", text, flags=re.M)
     params.write_text(text)
     docs = kustomize(tree / "overlays" / "gpu")
@@ -863,6 +864,23 @@ def test_network_params_drive_the_egress_policies(tmp_path):
     api = _by(docs, "NetworkPolicy", "pipeline-runner-egress-to-apiserver")["spec"]["egress"][0]
     assert s3["to"] == [{"ipBlock": {"cidr": "10.20.30.0/24"}}] and s3["ports"] == [{"protocol": "TCP", "port": 9443}]
     assert api["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}] and api["ports"] == [{"protocol": "TCP", "port": 443}]
+    dns = _by(docs, "NetworkPolicy", "allow-dns")["spec"]["egress"][0]
+    assert dns["to"][0] == {"ipBlock": {"cidr": "10.43.0.10/32"}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_resolves_names_with_nodelocal_dnscache_too(rendered, overlay):
+    """NodeLocal DNSCache (kubernetes/dns, k8s-app: node-local-dns) runs with hostNetwork, so no
+    podSelector matches it; pods reach it at its link-local address 169.254.20.10 or, in its
+    default iptables mode, at the kube-dns ClusterIP it answers without DNAT. Port 53 only."""
+    policies = [d for d in rendered[overlay] if d["kind"] == "NetworkPolicy"]
+    cluster_ip = Peer(None, cidr=_params(overlay)["dnsServiceCidr"])
+    node_local = Peer(None, cidr="169.254.20.10/32")
+    for pod in [p for p in _pods(rendered) if p.where.startswith(overlay + " ")]:
+        src = Peer.pod(pod.namespace, pod.labels)
+        for dns in (cluster_ip, node_local, Peer.pod("kube-system", {"k8s-app": "kube-dns"})):
+            assert _allowed(policies, src, dns, 53, "UDP") and _allowed(policies, src, dns, 53, "TCP"), pod.where
+            assert not _allowed(policies, src, dns, 443), pod.where
 
 
 # --- the Kubeflow profile namespace ---------------------------------------------------------------
@@ -870,15 +888,59 @@ def test_network_params_drive_the_egress_policies(tmp_path):
 def test_profile_gets_the_client_config_and_tasn_admits_it(rendered, profile):
     in_profile = {d["metadata"]["name"]: d for d in profile if d["metadata"].get("namespace") == PROFILE_NS}
     in_tasn = {(d["kind"], d["metadata"]["name"]): d for d in profile if d["metadata"].get("namespace") == NAMESPACE}
-    assert set(in_profile) == {"tasn-s3-config", "tasn-mlflow-config"}
+    assert set(in_profile) == {"tasn-s3-config", "tasn-mlflow-config", "kfp-launcher"}
     assert set(in_tasn) == {("NetworkPolicy", f"mlflow-ingress-from-profile.{PROFILE_NS}"),
                             ("RoleBinding", f"tasn-pipeline-runner.{PROFILE_NS}")}
     tasn_side = _configmaps(rendered["gpu"], NAMESPACE)
-    for name, cm in in_profile.items():
-        assert cm["data"] == tasn_side[name], f"{name} differs between the profile and tasn"
+    for name in ("tasn-s3-config", "tasn-mlflow-config"):
+        assert in_profile[name]["data"] == tasn_side[name], f"{name} differs between the profile and tasn"
     binding = in_tasn[("RoleBinding", f"tasn-pipeline-runner.{PROFILE_NS}")]
     assert binding["roleRef"]["name"] == "tasn-pipeline-runner" and binding["roleRef"]["kind"] == "Role"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": PROFILE_NS}]
+
+
+def s3_session(providers_text: str, path: str) -> dict[str, str]:
+    """kubeflow/pipelines 2.17.0 backend/src/v2/config/env.go (Config.getBucketProviders, a YAML
+    `providers` key of the ConfigMap kfp-launcher) and config/s3.go (S3ProviderConfig.
+    ProvideSessionInfo): the session the driver gives the launcher for an s3:// pipeline root.
+    No provider, or no default: fromEnv, i.e. the pod's own environment."""
+    s3 = (yaml.safe_load(providers_text) or {}).get("s3") or {}
+    bucket, _, prefix = path.removeprefix("s3://").partition("/")
+    default, overrides = s3.get("default"), s3.get("overrides") or s3.get("Overrides")
+    if default is None and overrides is None:
+        return {"fromEnv": "true"}
+    assert default and default.get("credentials"), "invalid provider config: missing default credentials"
+    params = {"endpoint": default.get("endpoint", ""), "region": default.get("region", ""),
+              "disableSSL": str(default.get("disableSSL", False)).lower(),
+              "forcePathStyle": str(default.get("forcePathStyle", True)).lower(),
+              "fromEnv": str(default["credentials"].get("fromEnv", False)).lower()}
+    if params["fromEnv"] == "false":
+        ref = default["credentials"]["secretRef"]
+        params.update(secretName=ref["secretName"], accessKeyKey=ref["accessKeyKey"], secretKeyKey=ref["secretKeyKey"])
+    for override in overrides or []:
+        assert not (override["bucketName"] == bucket and prefix.startswith(override.get("keyPrefix", ""))), \
+            "an override applies: extend this port before relying on it"
+    return params
+
+
+def test_the_launcher_opens_the_pipeline_root_with_the_profiles_s3_secret(profile):
+    """Without `providers` an s3:// root is opened fromEnv, i.e. with keys only some tasks' pods have
+    (backend/src/v2/objectstore/object_store.go, createS3BucketSession). The profile's kfp-launcher
+    gives every task's launcher the S3 endpoint and region of tasn-s3-config and the keys of the
+    Secret the pipeline's tasks use, for the default root, in the bucket the data lives in."""
+    (launcher,) = [d for d in profile if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kfp-launcher"]
+    assert launcher["metadata"]["namespace"] == PROFILE_NS  # the driver reads its own namespace's (env.go)
+    client = _configmaps(profile, PROFILE_NS)["tasn-s3-config"]
+    root = launcher["data"]["defaultPipelineRoot"]
+    assert root.startswith(f"s3://{client['TASN_S3_BUCKET']}/") and client["TASN_WORK_URI"].startswith(
+        f"s3://{client['TASN_S3_BUCKET']}/")
+    session = s3_session(launcher["data"]["providers"], root)
+    assert session["fromEnv"] == "false"
+    assert (session["endpoint"], session["region"]) == (client["AWS_ENDPOINT_URL"], client["AWS_DEFAULT_REGION"])
+    assert session["disableSSL"] == str(client["AWS_ENDPOINT_URL"].startswith("http://")).lower()
+    assert session["secretName"] == S3_SECRET
+    assert {session["accessKeyKey"], session["secretKeyKey"]} == set(S3_SECRET_KEYS) <= _secret_templates()[S3_SECRET]
+    assert s3_session("", root) == {"fromEnv": "true"}  # what the profile had before
 
 
 def test_profile_namespace_is_one_parameter(tmp_path):
@@ -1025,10 +1087,17 @@ def test_every_third_party_image_is_pinned_by_digest(rendered):
         syntax = r"^# syntax=docker/dockerfile:[\d.]+@sha256:[0-9a-f]{64}$"
         assert re.match(syntax, lines[0]), f"{path.name}: {lines[0]}"
         stages = set()
+        defaults = {}
         for ins, args in _instructions(path):
+            if ins == "ARG" and "=" in args:
+                defaults.update([args.split("=", 1)])
             if ins == "FROM":
                 ref, *rest = args.split()
-                assert ref in stages or DIGEST.match(ref), f"{path.name}: FROM {ref}"
+                arg = re.fullmatch(r"\$\{(\w+)\}", ref)
+                if arg:  # a base given as a build argument: one of this repository's images by default
+                    assert defaults[arg.group(1)].rsplit(":", 1)[0] in PROJECT_IMAGES, f"{path.name}: FROM {ref}"
+                else:
+                    assert ref in stages or DIGEST.match(ref), f"{path.name}: FROM {ref}"
                 stages.update(rest[1:2])
             if ins == "COPY" and "--from=" in args:
                 ref = re.search(r"--from=(\S+)", args).group(1)
@@ -1112,12 +1181,15 @@ def test_dockerfile_key_facts(variant):
     assert not any(i == "HEALTHCHECK" for s in stages for i, _ in s)
     assert any(i == "LABEL" and "org.opencontainers.image.title" in a for i, a in final)
     runs = [a for s in stages for i, a in s if i == "RUN"]
-    # dependencies only from the lock, hash-checked, no resolver; then the project without deps
+    # dependencies only from hash-checked lists, no resolver; then the project without deps
     installs = [a for a in runs if re.search(r"\bpip install\b", a)]
-    assert any("--require-hashes" in a and "--no-deps" in a and "-r requirements.lock" in a
-               and "--build-constraints requirements.lock" in a for a in installs), installs
-    assert all("--require-hashes" in a or ("--no-deps" in a and a.rstrip().split("&&")[0].split()[-1] == ".")
-               for a in installs), f"an install that neither uses the lock nor skips dependencies: {installs}"
+    if variant == "cpu":  # the CUDA image is built on it
+        assert any("--require-hashes" in a and "--no-deps" in a and "-r requirements.lock" in a
+                   and "--build-constraints requirements.lock" in a for a in installs), installs
+    assert installs and all(
+        ("--require-hashes" in a and "--no-deps" in a)
+        or ("--no-deps" in a and a.rstrip().split("&&")[0].split()[-1] == ".") for a in installs
+    ), f"an install that neither uses a hashed list nor skips dependencies: {installs}"
     assert not any("--index-url" in a or "--extra-index-url" in a for a in installs)
     assert _locked()["torch"][0] == "2.14.1" and _locked()["torchvision"][0] == "0.29.1"
     # the git commit: build arg -> env in the image that runs
@@ -1129,14 +1201,19 @@ def test_dockerfile_key_facts(variant):
             if i in ("ENV", "ARG"):
                 assert not SECRET_NAME.search(a.split("=")[0]), f"secret-looking {i}: {a}"
     if variant == "cuda":
-        build = next(s for s in stages if "AS build" in s[0][1])
-        assert "-devel-" in build[0][1] and "-runtime-" in final[0][1]
-        env = " ".join(a for i, a in build if i == "ENV")
-        arch = re.search(r'TORCH_CUDA_ARCH_LIST="([^"]+)"', env).group(1).split(";")
-        assert {"8.0", "9.0"} <= set(arch)
-        build_runs = [a for i, a in build if i == "RUN"]
-        assert any("python -m tasn.ops.build" in a for a in build_runs), "CUDA sampler built ahead of time"
-        assert any(i == "COPY" and "/opt/tasn-ops" in a for i, a in final), "AOT build copied to the runtime"
+        build = next(s for s in stages if "AS ops-build" in s[0][1])
+        build_runs = " ".join(a for i, a in build if i == "RUN")
+        arch = re.search(r'python -m tasn\.ops\.build --arch "([^"]+)"', build_runs)
+        assert arch and {"8.0", "9.0"} <= set(arch.group(1).split(";")), "CUDA sampler built ahead of time"
+        assert "-r /tmp/cuda-toolchain.txt" in build_runs  # nvcc from PyPI's wheels, hash-checked
+        toolchain = re.sub(r"\\\n\s*", " ", (INFRA / "docker" / "cuda-toolchain.txt").read_text())
+        pins = [line for line in toolchain.splitlines() if re.match(r"^[a-z]", line)]
+        assert pins and all(re.search(r"==\S+ +--hash=sha256:[0-9a-f]{64}", p) for p in pins), pins
+        assert {"nvidia-cuda-nvcc", "nvidia-cuda-runtime"} <= {p.split("==")[0] for p in pins}
+        assert final[0][1].split()[0] == "${BASE_IMAGE}", "the runtime is the CPU image, not the build stage"
+        assert not any("cuda-toolchain" in a for i, a in final), "the compiler stays in the build stage"
+        assert any(i == "COPY" and "--from=ops-build /opt/tasn-ops" in a for i, a in final), "AOT build copied"
+        assert any(i == "ENV" and "TASN_OPS_PREBUILT=/opt/tasn-ops" in a for i, a in final)
         assert "ninja" in _locked(), "the AOT build's ninja comes from the lock"
 
 

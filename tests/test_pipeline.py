@@ -32,7 +32,8 @@ from tasn.training import outputs
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_TASKS = ("validate", "preprocess", "train", "evaluate", "register")
 MLFLOW_TASKS = ("train", "evaluate", "register", "gate", "promote")
-S3_TASKS = ("data-version", "train", "evaluate")
+# validate and preprocess: their launcher reads the imported data, outside the pipeline root
+S3_TASKS = ("data-version", "validate", "preprocess", "train", "evaluate", "register", "gate", "promote")
 CONTAINER_TASKS = ("data-version", "validate", "preprocess", "train-plan", "train", "evaluate", "register",
                    "gate", "promote", "cleanup")
 
@@ -171,21 +172,32 @@ def test_every_task_has_requests_limits_a_timeout_and_retries(spec, k8s):
     assert FOLLOW_TIMEOUT_S < tasn_pipeline.TIMEOUTS["train"]
 
 
+def test_every_task_has_a_writable_tmp_on_the_images_read_only_root(spec, k8s):
+    """KFP's launcher writes output parameters under /tmp/kfp/outputs and the executor's `sh -ec`
+    wrapper runs `mktemp -d`: on a read-only root, /tmp must be a volume (tests/test_image_pipeline.py
+    runs the tasks so)."""
+    for label in spec["deploymentSpec"]["executors"]:
+        if "container" in spec["deploymentSpec"]["executors"][label]:
+            mounts = {m["mountPath"]: m for m in k8s[label].get("emptyDirMounts", [])}
+            assert "/tmp" in mounts, label
+
+
 def test_the_promote_tasks_retry_for_longer_than_one_promotion_lock_lease(spec):
     """A promoter killed while holding the lock leaves it until its lease ends; the tasks running
-    `tasn promote` must keep retrying past that, or the run fails on a lock nobody holds."""
+    `tasn promote` must keep retrying past that, or the run fails on a lock nobody holds. Argo waits
+    `duration * factor**k` before retry k+1 (processNodeRetries in argo-workflows v4.0.5
+    workflow/controller/operator.go; KFP compiles no `cap`, and `maxDuration` is a window, not a cap:
+    tests/test_pipeline_contract.py)."""
     tasks = all_tasks(spec)
     for name in ("gate", "promote"):
         policy = tasks[name]["retryPolicy"]
         base, factor = float(policy["backoffDuration"].rstrip("s")), policy["backoffFactor"]
-        cap = float(policy["backoffMaxDuration"].rstrip("s"))
-        waited = sum(min(base * factor**k, cap) for k in range(policy["maxRetryCount"]))
+        waited = sum(base * factor**k for k in range(policy["maxRetryCount"]))
         assert waited > LOCK_LEASE_S, (name, waited, LOCK_LEASE_S)
     # computed from the lease, not a number that happens to fit today's
     for lease in (30.0, 90.0, 600.0, 7200.0):
         n = tasn_pipeline.retries_outlasting(lease)
-        total = sum(min(30 * 2.0**k, 3600) for k in range(n))
-        assert total > lease and sum(min(30 * 2.0**k, 3600) for k in range(n - 1)) <= lease
+        assert sum(30 * 2.0**k for k in range(n)) > lease >= sum(30 * 2.0**k for k in range(n - 1))
 
 
 def test_a_single_node_gpu_train_task_gets_the_gpu_nodes_selector_and_toleration(spec, k8s):
@@ -485,8 +497,15 @@ class FakeClient:
         self.calls.append(("one-off", func.name, kw))
         return type("Run", (), {"run_id": "run-123"})()
 
-    def get_pipeline_id(self, name):
-        return self.pipelines.get(name)
+    class _healthz_api:  # kfp.Client's attribute, which pipelines/server.py reads raw
+        @staticmethod
+        def healthz_service_get_healthz(**kw):
+            return type("Response", (), {"data": b'{"tag_name": "2.17.0", "multi_user": false}'})()
+
+    def list_pipelines(self, filter, namespace, page_size):
+        name = json.loads(filter)["predicates"][0]["stringValue"]
+        found = [type("Pipeline", (), {"pipeline_id": self.pipelines[name]})()] if name in self.pipelines else []
+        return type("Pipelines", (), {"pipelines": found})()
 
     def upload_pipeline(self, path, pipeline_name, namespace, description):
         self.calls.append(("upload_pipeline", pipeline_name, yaml.safe_load_all(Path(path).read_text())))

@@ -30,6 +30,7 @@ from pipelines.stage_configs import stage_configs
 from tasn import checkpoint, evaluate, lineage, storage
 from tasn.cli import main as cli_main
 from tasn.config import load_config
+from tasn.jobspec import WORK_CHECKPOINTS
 from tasn.registry import REGISTRATION
 from tasn.training.outputs import CHECKPOINTS, METRICS, MODEL, RUN
 
@@ -92,7 +93,7 @@ def test_the_dag_with_the_pods_environment_tracks_and_registers_on_the_server(ml
     assert client.get_model_version_by_alias(name, "staging").version == version
     # checkpoints went to the run's own prefix on S3, not into the pod
     kfp_run = mv.tags[lineage.KFP_RUN_TAG]
-    ckpts = checkpoint.list_checkpoints(storage.join(work, f"{kfp_run}/{CHECKPOINTS}"))
+    ckpts = checkpoint.list_checkpoints(storage.join(work, f"{kfp_run}/{WORK_CHECKPOINTS}"))
     assert ckpts and not (run_dir / "train" / "model" / CHECKPOINTS).exists()
     assert stores(tmp_path) == set() and stores(ROOT) == before  # no local store anywhere
 
@@ -119,7 +120,8 @@ TRAIN_POD = textwrap.dedent('''
     from components.train import train
     prepared, model, metrics, config, work_uri = sys.argv[1:6]
     train.python_func(prepared=dsl.Dataset(uri=prepared), config=open(config).read(), image="", num_nodes=1,
-                      gpus_per_node=0, accelerator_type="nvidia.com/gpu", work_uri=work_uri, namespace="", runtime="",
+                      gpus_per_node=0, accelerator_type="nvidia.com/gpu", node_cpu="1", node_memory="1Gi",
+                      work_uri=work_uri, namespace="", runtime="",
                       job_kind="TrainJob", kfp_run_id="run-7", mlflow_config_map="tasn-mlflow-config",
                       model=dsl.Model(uri=model), metrics=dsl.Metrics(uri=metrics))
 ''')
@@ -143,7 +145,7 @@ def test_a_retried_train_task_resumes_from_its_s3_checkpoint_and_refuses_another
                                  str(out / "metrics"), str(config), f"s3://{bucket}/runs"], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    prefix = f"s3://{bucket}/runs/run-7/{CHECKPOINTS}"
+    prefix = f"s3://{bucket}/runs/run-7/{WORK_CHECKPOINTS}"
     with pytest.MonkeyPatch.context() as mp:
         for key, value in s3_server.env().items():
             mp.setenv(key, value)

@@ -13,7 +13,7 @@ import pytest
 from tasn import jobspec, launch, lineage
 from tasn.data.preprocess import MANIFEST, SHARDS
 from tasn.errors import ServiceError, TASNError
-from tasn.training.outputs import CHECKPOINTS, METRICS, MODEL
+from tasn.training.outputs import METRICS, MODEL
 
 CRD_DIR = Path(__file__).resolve().parents[1] / "infra" / "crds"
 
@@ -224,7 +224,7 @@ def test_node_trains_under_torchrun_with_resumable_checkpoints_and_node0_uploads
     assert argv[1:5] == ["-m", "torch.distributed.run", "-m", "tasn.cli"] and argv[5] == "train"
     assert seen["data"] == [MANIFEST, f"{SHARDS}/0.tar"] and seen["params"] == "train: {epochs: 2}\n"
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
-    assert sets == ["train.lr=0.1", f"train.checkpoint_dir={work}/{CHECKPOINTS}", "train.resume=auto"]
+    assert sets == ["train.lr=0.1", f"train.checkpoint_dir={work}/{jobspec.WORK_CHECKPOINTS}", "train.resume=auto"]
     assert (work / jobspec.WORK_OUT / MODEL).exists() == uploads
 
 

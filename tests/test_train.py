@@ -119,7 +119,8 @@ def _distance(a: dict, b: dict) -> float:
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(smoke_data, tmp_path):  # noqa: F811
     """2 processes x 4 images under torchrun (gloo) against one process with the same global batch
-    of 8, given as 2 accumulated micro-batches of 4 and as one batch of 8. The baseline
+    of 8 (`train.global_batch_size`: 2 accumulated micro-batches of 4 on one process, one on each of
+    two), and against one batch of 8. The baseline
     (`model.kind: baseline`, via the same `tasn train` command) with BatchNorm on running statistics
     (`train.batchnorm: frozen`): per-rank BatchNorm batch statistics are the one thing that
     legitimately differs between 2 x 4 and 1 x 8 images (SyncBatchNorm fixes it, on CUDA only)."""
@@ -131,7 +132,8 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(smo
     two = tmp_path / "two"
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "tasn.cli", "train", "--data", str(smoke_data), "--out", str(two), *common, "-S", "train.batch_size=4"],
+         "-m", "tasn.cli", "train", "--data", str(smoke_data), "--out", str(two), *common, "-S", "train.batch_size=4",
+         "-S", "train.global_batch_size=8"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
@@ -142,7 +144,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(smo
     assert proc.returncode == 0, err[-3000:]
     accum, whole = tmp_path / "accum", tmp_path / "whole"
     with one_thread():
-        train(smoke_config(*overrides, "train.batch_size=4", "train.accum_steps=2"), smoke_data, accum)
+        train(smoke_config(*overrides, "train.batch_size=4", "train.global_batch_size=8"), smoke_data, accum)
         train(smoke_config(*overrides, "train.batch_size=8"), smoke_data, whole)
     curves = {name: [float(r["loss"]) for r in _steps(out)] for name, out in
               (("two", two), ("accum", accum), ("whole", whole))}

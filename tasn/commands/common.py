@@ -18,7 +18,7 @@ def common_parser() -> argparse.ArgumentParser:
     group = common.add_argument_group("configuration")
     group.add_argument("--params", default=None,
                        help=f"params file (default: {DEFAULT_PARAMS} in the working directory if there is one, "
-                            "else the built-in defaults, which are what it holds)")
+                            "else $TASN_PARAMS (the image's), else the built-in defaults, which are what it holds)")
     group.add_argument("--profile", default=None,
                        help=f"overlay from {PROFILES_DIR}/NAME.yaml next to the params file (e.g. cub, smoke), "
                             "or a path to a .yaml file")

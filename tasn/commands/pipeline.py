@@ -154,10 +154,10 @@ class _RunFailed(TASNError):
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from pipelines.runner import connect, upload
+    from pipelines.runner import checked_client, upload
 
-    result = upload(connect(args.host, args.token, args.namespace), args.pipeline_name, args.pipeline_version,
-                    namespace=args.namespace)
+    client, text = checked_client(args.host, args.token, args.namespace)
+    result = upload(client, args.pipeline_name, args.pipeline_version, namespace=args.namespace, text=text)
     print(f"pipeline {args.pipeline_name!r} ({result['pipeline_id']}): version {result['version']} "
           f"({result['version_id']})")
     return 0

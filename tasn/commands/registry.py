@@ -1,7 +1,7 @@
 """Registry commands: `tasn register`, `tasn promote`, `tasn registry history`.
 
-`tasn promote` exits 3 when the gate refuses (unless --dry-run), so a shell or CI step can tell a
-refusal from a failure (1). Handlers import the registry when run (see tasn.commands).
+`tasn promote` exits 3 (`tasn.registry.REFUSED_EXIT`) when the gate refuses (unless --dry-run), so a
+shell or CI step can tell a refusal from a failure (1). Handlers import the registry when run (see tasn.commands).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from tasn.commands.common import Subparsers, config_from_args, print_json
 if TYPE_CHECKING:
     from tasn.registry import Decision
 
-REFUSED_EXIT = 3
 TRAIN_OUT, EVALUATE_OUT = "outputs/train", "outputs/evaluate"  # the defaults of `tasn train` / `tasn evaluate`
 
 
@@ -49,7 +48,7 @@ def _promote(args: argparse.Namespace) -> int:
     decision = registry.promote(cfg, args.version, name=args.name, to=args.to, force=args.force, reason=args.reason,
                                 dry_run=args.dry_run, decision_file=args.decision_file)
     _report(decision)
-    return REFUSED_EXIT if decision.decision == "refuse" and not args.dry_run else 0
+    return registry.REFUSED_EXIT if decision.decision == "refuse" and not args.dry_run else 0
 
 
 def _history_table(hist: dict[str, Any]) -> list[str]:

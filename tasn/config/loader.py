@@ -69,14 +69,17 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def find_params(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """The params file to read: `explicit` (which must exist), else params.yaml in the working
-    directory if there is one, else None (the defaults, which are what params.yaml holds)."""
+    directory if there is one, else the installed one ($TASN_PARAMS: the image's, whose profiles/
+    `--profile NAME` then finds), else None (the defaults, which are what params.yaml holds)."""
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
             raise ConfigError(f"--params {path}: no such file")
         return path
-    default = Path(DEFAULT_PARAMS)
-    return default if default.is_file() else None
+    for default in (Path(DEFAULT_PARAMS), Path(os.environ.get(PARAMS_ENV, DEFAULT_PARAMS))):
+        if default.is_file():
+            return default
+    return None
 
 
 def profile_path(profile: str, params: Path | None) -> Path:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, get_args
 
 from tasn.choices import (
+    IMAGENET_WEIGHTS,
     AttentionBackbone,
     Backbone,
     BatchNormMode,
@@ -23,6 +24,7 @@ from tasn.choices import (
     FashionLabel,
     ModelKind,
     Optimizer,
+    PretrainedWeights,
     RegisterWhen,
     Schedule,
 )
@@ -138,7 +140,16 @@ class ModelConfig:
     iters: Annotated[int, Range(ge=1, le=100)] = 5
     pretrained: str = "none"  # none | imagenet | local path / s3:// URI of a state dict
     att_pretrained: str = "none"
+    # torchvision's ImageNet weights for `imagenet` (the shared backbone; ResNet-18/34 have V1 only):
+    # V1, the classic recipe, is the reproduction's; the authors' MXNet ResNet-50 is of that kind
+    pretrained_weights: PretrainedWeights = "IMAGENET1K_V1"
     zero_init_residual: bool = True  # last BN of each residual block starts at 0 (random init only)
+
+    def relations(self) -> Iterator[str]:
+        if self.pretrained == "imagenet" and self.pretrained_weights not in IMAGENET_WEIGHTS.get(self.backbone, ()):
+            have = ", ".join(IMAGENET_WEIGHTS.get(self.backbone, ())) or "none"
+            yield (f"pretrained_weights: torchvision has no {self.pretrained_weights} weights for "
+                   f"{self.backbone} (it has: {have})")
 
 
 @dataclass
@@ -157,7 +168,11 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: Annotated[int, Range(ge=0, le=100_000)] = 8
-    batch_size: Annotated[int, Range(ge=1, le=65_536)] = 32  # per process; the authors ran 8 x 12 = 96
+    batch_size: Annotated[int, Range(ge=1, le=65_536)] = 32  # per process (one forward pass; BatchNorm's batch)
+    # images per optimizer step over all processes; 0 = batch_size x accum_steps x processes, whatever
+    # that is. Set (the authors': 96 = 8 GPUs x 12), accum_steps follows the number of processes
+    # (tasn.training.batch), so the recipe is the same on 1 GPU or 8
+    global_batch_size: Annotated[int, Range(ge=0, le=10**7)] = 0
     optimizer: Optimizer = "sgd"
     lr: Annotated[float, Range(gt=0, le=100)] = 0.1
     momentum: Annotated[float, Range(ge=0, le=1)] = 0.9  # sgd only
@@ -187,6 +202,9 @@ class TrainConfig:
     lighting: Annotated[float, Range(ge=0, le=10)] = 0.0  # PCA lighting noise (the authors': 0.1)
 
     def relations(self) -> Iterator[str]:
+        if self.global_batch_size and self.accum_steps != 1:
+            yield (f"accum_steps ({self.accum_steps}) and global_batch_size ({self.global_batch_size}) are both "
+                   "set: with a global batch the accumulation follows the number of processes; leave accum_steps at 1")
         if self.warmup_epochs > self.epochs:
             yield f"warmup_epochs ({self.warmup_epochs:g}) is more than epochs ({self.epochs})"
 

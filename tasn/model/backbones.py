@@ -14,17 +14,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from tasn.choices import BACKBONES
+from tasn.choices import BACKBONES, IMAGENET_WEIGHTS
 from tasn.storage import read_bytes
 
 log = logging.getLogger(__name__)
-_WEIGHTS = {
-    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
-    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
-    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
-}
-
-
 def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
     """A state dict from a local path or an s3:// URI (a plain state dict or {"model": ...})."""
     if source.startswith("s3://"):
@@ -74,9 +67,20 @@ class SlimResNet(torchvision.models.ResNet):
                     nn.init.zeros_(m.bn2.weight)
 
 
-def build_resnet(arch: str, pretrained: str = "none", zero_init_residual: bool = False) -> torchvision.models.ResNet:
-    """A torchvision ResNet; `pretrained`: "none", "imagenet" (torchvision's weights API, which
-    downloads to the torch hub cache on first use) or a path / s3:// URI of a state dict.
+def imagenet_weights(arch: str, version: str = "IMAGENET1K_V1") -> str:
+    """torchvision's name of `arch`'s ImageNet weights of `version` (e.g. "ResNet50_Weights.IMAGENET1K_V1")."""
+    versions = IMAGENET_WEIGHTS.get(arch, ())
+    if not versions:
+        raise ValueError(f"no ImageNet weights exist for {arch}; use pretrained: none or a file")
+    if version not in versions:
+        raise ValueError(f"torchvision has no {version} weights for {arch} (it has {', '.join(versions)})")
+    return f"ResNet{arch.removeprefix('resnet')}_Weights.{version}"
+
+
+def build_resnet(arch: str, pretrained: str = "none", zero_init_residual: bool = False,
+                 weights: str = "IMAGENET1K_V1") -> torchvision.models.ResNet:
+    """A torchvision ResNet; `pretrained`: "none", "imagenet" (torchvision's weights API, version
+    `weights`, downloaded to the torch hub cache on first use) or a path / s3:// URI of a state dict.
 
     `zero_init_residual` starts the last BatchNorm of every residual block at zero, so each block
     begins as the identity and a deep net from random weights trains like a shallow one at first
@@ -91,10 +95,9 @@ def build_resnet(arch: str, pretrained: str = "none", zero_init_residual: bool =
     if pretrained in ("", "none", None):
         return model
     if pretrained == "imagenet":
-        if arch not in _WEIGHTS:
-            raise ValueError(f"no ImageNet weights exist for {arch}; use pretrained: none or a file")
-        weights = torchvision.models.get_weight(_WEIGHTS[arch])
-        state = weights.get_state_dict(progress=True)
+        name = imagenet_weights(arch, weights)
+        state = torchvision.models.get_weight(name).get_state_dict(progress=True)
+        pretrained = f"imagenet ({name})"
     else:
         state = _state_dict_from(pretrained)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}

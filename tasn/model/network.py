@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tasn.model.attention import AttentionNet, trilinear_attention
 from tasn.model.backbones import authors_init, build_resnet
-from tasn.model.sampler import attention_sample
+from tasn.model.sampler import attention_sample, nonfinite_maps
 
 if TYPE_CHECKING:  # the config is not needed to use the model, only to type build_model
     from tasn.config import ModelConfig
@@ -42,9 +42,10 @@ class BaselineOutput(NamedTuple):
 class SharedBackbone(nn.Module):
     """One ResNet, classifier removed: pooled features for part and master alike."""
 
-    def __init__(self, arch: str, pretrained: str, zero_init_residual: bool = False):
+    def __init__(self, arch: str, pretrained: str, zero_init_residual: bool = False,
+                 weights: str = "IMAGENET1K_V1"):
         super().__init__()
-        net = build_resnet(arch, pretrained, zero_init_residual)
+        net = build_resnet(arch, pretrained, zero_init_residual, weights)
         self.features = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
@@ -72,18 +73,22 @@ class TASN(nn.Module):
         pretrained: str = "none",
         att_pretrained: str = "none",
         zero_init_residual: bool = False,
+        pretrained_weights: str = "IMAGENET1K_V1",
     ):
         super().__init__()
         self.num_classes = num_classes
         self.att_size, self.out_size, self.dense, self.iters = att_size, out_size, dense, iters
         self.attention_net = AttentionNet(num_classes, att_backbone, att_head_channels, att_pretrained,
                                           zero_init_residual)
-        self.backbone = SharedBackbone(backbone, pretrained, zero_init_residual)
+        self.backbone = SharedBackbone(backbone, pretrained, zero_init_residual, pretrained_weights)
         f = self.backbone.features
         self.fc_part = nn.Linear(f, num_classes)
         self.fc_master = nn.Linear(f, num_classes)
         self.fc = nn.Linear(f, num_classes)
         authors_init(self.fc_part, self.fc_master, self.fc)
+        # Training images whose attention maps the sampler could not use (NaN/Inf: it resized them
+        # plainly), since the last `take_nonfinite_attention()`; a device tensor, so counting never syncs.
+        self.nonfinite_attention: torch.Tensor | None = None
 
     def attention_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention logits and the c trilinear attention maps (detached: no sampling gradient)."""
@@ -110,6 +115,8 @@ class TASN(nn.Module):
         n = x.shape[0]
         att_logits, maps = self.attention_maps(x)
         structure_map, detail_map = self.select_maps(maps)
+        if self.training:
+            self._count_nonfinite(structure_map, detail_map, x.shape[-1])
         sampler: dict[str, Any] = dict(out_size=self.out_size, dense=self.dense, iters=self.iters)
         # Squared after upsampling to S x S; the sampler squares the profiles, which is the same.
         structure = attention_sample(x, structure_map, power=2.0, **sampler)
@@ -128,6 +135,16 @@ class TASN(nn.Module):
             return out, TASNExtras(structure_map, detail_map, structure, detail)
         return out
 
+    def _count_nonfinite(self, structure_map: torch.Tensor, detail_map: torch.Tensor, size: int) -> None:
+        bad = (nonfinite_maps(structure_map, size, power=2.0) | nonfinite_maps(detail_map, size)).sum()
+        self.nonfinite_attention = bad if self.nonfinite_attention is None else self.nonfinite_attention + bad
+
+    def take_nonfinite_attention(self) -> int:
+        """How many training images since the last call had an attention map with NaN or Inf (the sampler
+        gave them a plain resize instead: for them TASN was silently the baseline); resets the count."""
+        count, self.nonfinite_attention = self.nonfinite_attention, None
+        return 0 if count is None else int(count)
+
 
 class Baseline(nn.Module):
     """The plain backbone on the image resized to `out_size` (the resolution TASN's backbone
@@ -137,11 +154,11 @@ class Baseline(nn.Module):
     primary_head = "logits"
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", out_size: int = 224, pretrained: str = "none",
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, pretrained_weights: str = "IMAGENET1K_V1"):
         super().__init__()
         self.num_classes = num_classes
         self.out_size = out_size
-        self.backbone = SharedBackbone(backbone, pretrained, zero_init_residual)
+        self.backbone = SharedBackbone(backbone, pretrained, zero_init_residual, pretrained_weights)
         self.fc = nn.Linear(self.backbone.features, num_classes)
         authors_init(self.fc)
 
@@ -160,7 +177,8 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> Network:
     if not classes or classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {classes}")
     if cfg.kind == "baseline":
-        return Baseline(classes, cfg.backbone, cfg.out_size, cfg.pretrained, cfg.zero_init_residual)
+        return Baseline(classes, cfg.backbone, cfg.out_size, cfg.pretrained, cfg.zero_init_residual,
+                        cfg.pretrained_weights)
     if cfg.kind != "tasn":
         raise ValueError(f"model.kind must be tasn or baseline, got {cfg.kind!r}")
     return TASN(
@@ -175,4 +193,5 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> Network:
         pretrained=cfg.pretrained,
         att_pretrained=cfg.att_pretrained,
         zero_init_residual=cfg.zero_init_residual,
+        pretrained_weights=cfg.pretrained_weights,
     )

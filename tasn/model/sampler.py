@@ -154,6 +154,17 @@ def reference_attention_sample(
     return out.to(images.dtype)
 
 
+def nonfinite_maps(attention: torch.Tensor, size: int, power: float = 1.0) -> torch.Tensor:
+    """(n,) bool: the maps the sampler cannot use and silently replaces by a plain resize (step 2's
+    uniform profile): a NaN or infinite value, or values so large that the powered profile's sum
+    could overflow. A diverged attention net shows up here first; TASN counts these maps in training.
+    An all-zero map also gives a plain resize, by definition: it is not counted."""
+    a = attention.detach().flatten(1)
+    a = a if a.dtype == torch.float64 else a.float()
+    peak = a.clamp_min(0).amax(dim=1)  # bilinear upsampling never exceeds it; NaN propagates
+    return ~torch.isfinite(a).all(dim=1) | ~torch.isfinite(peak.pow(power) * size)
+
+
 def _resolve_impl(impl: str, images: torch.Tensor) -> str:
     impl = impl if impl != "auto" else os.environ.get("TASN_SAMPLER", "auto")
     if impl not in SAMPLER_IMPLS:
@@ -167,6 +178,12 @@ def _resolve_impl(impl: str, images: torch.Tensor) -> str:
         ops.load(required=True)
         return "fused"
     return "fused" if ops.available() else "reference"
+
+
+def implementation(device: torch.device) -> str:
+    """The sampler `attention_sample(impl="auto")` runs for tensors on `device`: "fused" or "reference"
+    (what a training run records, so a GPU run that fell back to the reference says so)."""
+    return _resolve_impl("auto", torch.empty(0, device=device))
 
 
 def attention_sample(

@@ -7,7 +7,10 @@ sampler of docs/method.md "The sampler, exactly" in two CUDA launches for the wh
 (images, coordinates -> output; gradient to the images), each with a fake implementation for
 torch.compile and CPU kernels for machines without a GPU (see docs/ops.md).
 
-- `load(required=False)`: import the ahead-of-time build, or compile once into a cache (ninja).
+- `load(required=False)`: import the ahead-of-time build, or compile once into a cache (ninja); a
+  library already loaded into the process (say `torch.ops.load_library` of a prebuilt) is adopted, never
+  loaded a second time: two copies both run `TORCH_LIBRARY(tasn)`, and torch aborts the process.
+- `library()`: the path of the loaded library (None before `load()`).
 - `available()`: True when CUDA is present and the library with its CUDA kernels is loaded; when
   not, it logs why once (and `unavailable_reason()` says it) and callers use the reference.
 
@@ -26,7 +29,7 @@ from tasn.errors import TASNError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OpsUnavailableError", "available", "load", "unavailable_reason"]
+__all__ = ["OpsUnavailableError", "available", "library", "load", "unavailable_reason"]
 
 
 class OpsUnavailableError(TASNError):
@@ -67,6 +70,11 @@ def load(required: bool = False) -> bool:
 def _load_library():
     from tasn.ops import build
 
+    registered = _registered_library(build.NAME)
+    if registered is not None:  # loading a second copy would abort the process (TORCH_LIBRARY twice)
+        log.info("tasn ops: already loaded from %s", registered)
+        import tasn.ops._registrations  # its fake implementations and autograd formulas
+        return registered
     cuda = build.with_cuda()
     lib = build.find_prebuilt(cuda)
     if lib is not None:
@@ -80,6 +88,19 @@ def _load_library():
     return lib
 
 
+def _registered_library(name: str) -> str | None:
+    """The library that already defines the `tasn` ops in this process, if one does."""
+    if not hasattr(torch.ops.tasn, "sampler_coordinates"):
+        return None
+    paths = sorted(p for p in torch.ops.loaded_libraries if name in str(p))
+    return paths[-1] if paths else "a library loaded before tasn.ops.load()"
+
+
+def library() -> str | None:
+    """The path of the loaded library (None before `load()` or when it failed)."""
+    return _loaded
+
+
 def available() -> bool:
     """True when the fused sampler can run on CUDA tensors here. The answer is computed once."""
     global _available, _reason
@@ -91,8 +112,9 @@ def available() -> bool:
             reason = f"the library could not be built or loaded: {_load_error}"
         elif not torch._C._dispatch_has_kernel_for_dispatch_key("tasn::bilinear_gather", "CUDA"):
             reason = "the library was built without CUDA (no CUDA toolkit found at build time)"
-        if reason:
-            log.info("tasn ops: fused sampler unavailable, using the PyTorch reference: %s", reason)
+        if reason:  # on a GPU that is a slower run than asked for: said as a warning, not in passing
+            log.log(logging.WARNING if torch.cuda.is_available() else logging.INFO,
+                    "tasn ops: fused sampler unavailable, using the PyTorch reference: %s", reason)
         _available, _reason = reason is None, reason
     return _available
 

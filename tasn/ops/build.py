@@ -5,8 +5,11 @@ Both paths run `torch.utils.cpp_extension.load` (ninja) on the sources in `csrc/
   versions, so a build happens once per machine and version, and an edited source never loads a stale
   library. `TASN_OPS_CACHE` moves the cache (default `~/.cache/tasn/ops`).
 - AOT (`python -m tasn.ops.build`, run in the container image build): the library and a `build.json`
-  fingerprint go to `tasn/ops/prebuilt/` (or `--dest`, or `TASN_OPS_PREBUILT`), where `load()` finds
-  them and imports without a compiler, so pods never compile.
+  stamp go to `tasn/ops/prebuilt/` (or `--dest`, or `TASN_OPS_PREBUILT`), where `load()` finds them
+  and imports without a compiler, so pods never compile. A prebuilt library is trusted for what it
+  was built from and for (these sources, this torch and its CUDA version, and on a GPU the GPU's
+  architecture among the ones it was compiled for), never for what the running machine could build:
+  the runtime image has no nvcc, and needs none.
 
 Without a CUDA toolkit (or with a CPU-only torch) the library is built from the C++ sources alone: the
 CPU kernels still register, which is what CPU-only test machines use; the op is then not "available"
@@ -20,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -92,20 +96,54 @@ def prebuilt_dir() -> Path:
     return Path(os.environ.get("TASN_OPS_PREBUILT") or PREBUILT)
 
 
+def arch_covers(arch_list: str | None, capability: tuple[int, int]) -> bool:
+    """Whether code built for `arch_list` (TORCH_CUDA_ARCH_LIST: "8.0;9.0", "9.0+PTX", "9.0a") runs on
+    a GPU of compute `capability`: machine code (SASS) runs on the same major version at an equal or
+    newer minor, architecture-specific code ("9.0a") on that exact architecture, and embedded PTX
+    ("+PTX") on any newer GPU, compiled by the driver at load time."""
+    for entry in re.split(r"[;,\s]+", arch_list or ""):
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry.strip())
+        if not m:
+            continue
+        built = (int(m.group(1)), int(m.group(2)))
+        if m.group(4) and built <= capability:
+            return True
+        if built[0] == capability[0] and (built[1] == capability[1] if m.group(3) else built[1] <= capability[1]):
+            return True
+    return False
+
+
 def find_prebuilt(cuda: bool) -> Path | None:
-    """The ahead-of-time library when its fingerprint matches these sources and this torch."""
+    """The ahead-of-time library, when it was built from these sources for this torch (its version
+    and CUDA version) and, where GPUs are visible, for their architectures. Whether a compiler is
+    here does not matter, with one exception: a prebuilt without CUDA kernels gives way when `cuda`
+    (a toolkit is here, `with_cuda()`), since a build here would have them."""
     d = prebuilt_dir()
     lib, stamp = d / f"{NAME}.so", d / STAMP
     if not (lib.exists() and stamp.exists()):
         return None
     try:
         built = json.loads(stamp.read_text())
-    except (OSError, ValueError) as exc:
+        made = dict(built["build"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring prebuilt %s: unreadable %s (%s)", lib, stamp, exc)
         return None
-    if built.get("build") != fingerprint(cuda):
-        log.warning("ignoring prebuilt %s: built for %s, this is %s", lib, built.get("build"), fingerprint(cuda))
+    here = fingerprint(bool(made.get("with_cuda")))
+    differ = {k: (made.get(k), here[k]) for k in here if made.get(k) != here[k]}
+    if differ:
+        log.warning("ignoring prebuilt %s: built for another %s", lib,
+                    "; ".join(f"{k} ({was!r}, this is {now!r})" for k, (was, now) in differ.items()))
         return None
+    if not made["with_cuda"] and cuda:
+        log.info("not using prebuilt %s: it has no CUDA kernels, and a CUDA toolkit is here to build them", lib)
+        return None
+    if made["with_cuda"] and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            if not arch_covers(built.get("arch"), cap):
+                log.warning("ignoring prebuilt %s: compiled for CUDA architectures %s, GPU %d is sm_%d%d",
+                            lib, built.get("arch"), i, *cap)
+                return None
     return lib
 
 
@@ -145,7 +183,7 @@ def build_prebuilt(dest: Path, arch: str | None, verbose: bool) -> Path:
         lib = compile_library(Path(tmp), cuda, arch, verbose)
         with atomic_dir(dest) as out:
             shutil.copy2(lib, out / f"{NAME}.so")
-            stamp = {"build": fingerprint(cuda), "arch": os.environ.get("TORCH_CUDA_ARCH_LIST")}
+            stamp = {"build": fingerprint(cuda), "arch": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None}
             (out / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return dest / f"{NAME}.so"
 

@@ -14,10 +14,11 @@ By role:
 from tasn.errors import RegistryError
 from tasn.registry.history import history
 from tasn.registry.promotion import Decision, gate, to_production
-from tasn.registry.stage import REGISTRATION, RegisterResult, promote, promotion_history, register
+from tasn.registry.stage import REFUSED_EXIT, REGISTRATION, RegisterResult, promote, promotion_history, register
 from tasn.registry.versions import alias_holder, client, register_version, version_metric
 
 __all__ = [
+    "REFUSED_EXIT",
     "REGISTRATION",
     "Decision",
     "RegisterResult",

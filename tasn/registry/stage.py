@@ -21,6 +21,7 @@ from tasn.registry.tags import PRODUCTION
 from tasn.registry.versions import register_version
 
 REGISTRATION = "registration.json"  # the new version, and the gate's decision when asked to promote
+REFUSED_EXIT = 3  # `tasn promote`'s exit status when the gate refuses: an outcome, told apart from a failure (1)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Plain on purpose, in the shape of torchvision's references/classification. By ro
   reproducible augmentation (seeded per (seed, epoch, sample index)), the loaders.
 - `modes`: determinism, precision (bf16 autocast on CUDA, fp32 on CPU), channels-last, BatchNorm.
 - `optim`: the optimizer and learning-rate schedule from `train.*` (stepped per optimizer step).
+- `batch`: a stated global batch (`train.global_batch_size`) kept on any number of processes.
 - `loop`: `Loop`, one epoch of optimizer steps (gradient accumulation, DDP no-sync, logging and
   checkpoint cadence, `max_steps`) and the one `end_epoch` step; its state is the checkpoint.
 - `meter`: `MetricLogger`, the running means of the loss terms and the throughput.

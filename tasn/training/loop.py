@@ -177,24 +177,38 @@ class Loop:
     def _log_step(self, window: MetricLogger, bar: EpochProgress) -> None:
         means = window.means()
         row = {"step": self.pos.step, "epoch": self.pos.epoch + 1, "lr": self.lr(),
-               "images_per_s": window.images_per_s(), **means}
+               "images_per_s": window.images_per_s(), **means, "nonfinite_attention": self._nonfinite_attention()}
         self.steps.append(row)
         bar.show(loss=f"{means['loss']:.3f}", lr=f"{row['lr']:.3g}")
         if self.run is not None:
             self.run.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=self.pos.step)
 
+    def _nonfinite_attention(self) -> int:
+        """Training images since the last log step (all ranks) whose attention maps held NaN or Inf,
+        so the sampler resized them plainly; a warning when any did: a diverged attention net would
+        otherwise train on, silently, as the baseline."""
+        take = getattr(self.net, "take_nonfinite_attention", None)  # TASN; the baseline has no attention
+        count = torch.tensor(float(take() if take else 0), dtype=torch.float64, device=self.ctx.device)
+        n = int(distributed.all_reduce_sum(count))
+        if n and self.ctx.is_main:
+            log.warning("step %d: %d training image(s) since the last log had NaN or Inf attention maps and were "
+                        "resized plainly by the sampler (a diverging attention net? try a lower train.lr)",
+                        self.pos.step, n)
+        return n
+
     @torch.inference_mode()
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
-        """Top-1 of every head and the mean loss on this rank's shard, summed over ranks."""
+        """Top-1 of every head and the mean loss on this rank's shard, summed over ranks. In float32
+        whatever `train.amp` says: the precision of `tasn evaluate` and of the deployed model, so a
+        checkpoint has one accuracy."""
         net = self.net
         net.eval()
         heads = net.heads
         totals = torch.zeros(len(heads) + 2, dtype=torch.float64, device=self.ctx.device)
         for x, y in loader:
             x, y = self.to_device(x), y.to(self.ctx.device, non_blocking=True)
-            with autocast(self.amp_dtype, self.ctx.device):
-                out = net(x)
-                loss, _ = self.loss_fn(out, y)
+            out = net(x)
+            loss, _ = self.loss_fn(out, y)
             for i, head in enumerate(heads):
                 totals[i] += (getattr(out, head).argmax(dim=1) == y).sum()
             totals[-2] += loss.double() * y.numel()

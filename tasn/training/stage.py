@@ -11,6 +11,7 @@ the data version preprocess recorded) is this run's own, unless `train.force_res
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,6 +26,8 @@ from tasn.data.preprocess import SUMMARY
 from tasn.errors import DataError, TASNError
 from tasn.io import check_apart
 from tasn.model import build_loss, build_model
+from tasn.model.sampler import implementation as sampler_implementation
+from tasn.training import batch
 from tasn.training.loop import Loop
 from tasn.training.modes import configure_determinism, place
 from tasn.training.optim import build_optimizer, build_scheduler
@@ -59,6 +62,8 @@ def train(cfg: Config, data_dir: str | os.PathLike[str], out_dir: str | os.PathL
 
 
 def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distributed.Context) -> TrainResult:
+    configured = cfg  # what a checkpoint must match; `cfg` is what runs, its global batch on ctx.world_size
+    cfg = dataclasses.replace(cfg, train=batch.for_world_size(cfg.train, ctx.world_size))
     t = cfg.train
     configure_determinism(t.deterministic)
     seed_everything(t.seed)
@@ -71,7 +76,7 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
     data_version = lineage.recorded_data_version(data_dir / SUMMARY)
     loop = Loop(cfg, ctx, model, loss_fn, optimizer, scheduler, data.classes,
                 ckpt_dir=t.checkpoint_dir or str(out_dir / CHECKPOINTS),
-                fingerprint=checkpoint.fingerprint(cfg, data_version))
+                fingerprint=checkpoint.fingerprint(configured, data_version))
     resume_from(loop, resume)
     if ctx.distributed:
         loop.model = nn.parallel.DistributedDataParallel(
@@ -149,6 +154,8 @@ def start_run(cfg: Config, data_dir: Path, data_version: str | None, ctx: distri
         **machine_tags(ctx),
         **tracking.context_tags(),
     }
+    if cfg.model.kind == "tasn":  # the fused CUDA op, or the reference (CPU; a GPU without the op)
+        tags["sampler"] = sampler_implementation(ctx.device)
     m = cfg.model
     run = tracking.Run(cfg.tracking, tags, run_id=run_id, run_name=tracking.run_name(m.kind, m.backbone, m.out_size))
     run.log_params(run_params(cfg, ctx.world_size))
