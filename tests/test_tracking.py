@@ -3,10 +3,12 @@ logged to a real `mlflow server` whose artifacts live on Ceph RGW."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import socket
+import sys
 from pathlib import Path
 
 import mlflow
@@ -15,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
-from tasn import checkpoint, lineage, tracking
+from tasn import checkpoint, cli, lineage, tracking
 from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
 from tasn.predict import Predictor, from_checkpoint, load_predictor
@@ -101,6 +103,24 @@ def test_the_runs_page_is_the_ui_in_its_model_training_mode():
     assert any('MACHINE_LEARNING="machine_learning"' in f.read_text(errors="ignore") for f in ui.glob("main.*.js"))
     assert tracking.runs_page("7", "http://host:5000/") == (
         "http://host:5000/#/experiments/7/runs?workflowType=machine_learning")
+
+
+def test_mlflow_download_bars_are_off_off_a_terminal_unless_the_environment_says(monkeypatch):
+    """`make run`'s log, `dvc repro`, a pod: MLflow's artifact bars would be a line per frame there."""
+    bar = mlflow.environment_variables.MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, env, shown in ((io.StringIO(), None, False), (Terminal(), None, True), (io.StringIO(), "true", True)):
+        monkeypatch.setenv(bar.name, "")
+        monkeypatch.delenv(bar.name)
+        if env is not None:
+            monkeypatch.setenv(bar.name, env)
+        monkeypatch.setattr(sys, "stderr", stream)
+        cli.quiet_off_terminal()
+        assert bar.get() is shown, (stream, env)
 
 
 def test_a_data_version_is_the_dataset_digest():
