@@ -150,6 +150,20 @@ def resume_source(resume: str, directory: str, endpoint: str | None = None) -> t
     return None
 
 
+def clear_checkpoints(directory: str, endpoint: str | None = None) -> list[str]:
+    """Delete the checkpoints in `directory`; returns them. A run that starts afresh in a folder
+    (`--resume never`, as the DVC stage does) clears it first: an earlier run's later steps would
+    outrank its own, both in the rotation (`save_checkpoint` keeps the newest by step) and when a
+    later run resumes `auto`."""
+    found = list_checkpoints(directory, endpoint)
+    for uri in found:
+        storage.delete(uri, endpoint=endpoint)
+    if found:
+        log.warning("starting afresh (resume never): removed %d checkpoint(s) an earlier run left in %s",
+                    len(found), directory)
+    return found
+
+
 def sweep_temporaries(directory: str) -> list[str]:
     """Delete what killed checkpoint writes left in a local checkpoint folder (an S3 PUT leaves
     nothing); returns the removed paths. Call at the start of the run that owns the folder."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,15 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def quiet_off_terminal() -> None:
+    """Off a terminal (`make run`'s log, `dvc repro`, a pod), a redrawn progress bar is a line per
+    frame: MLflow's artifact download bars are switched off there, unless the environment says
+    otherwise (MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR). tasn's own bars are off there already
+    (tasn.training.progress)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tasn",
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     install_log_redaction()
+    quiet_off_terminal()
     action = getattr(args, f"{args.command}_command", None)  # `data import-cub`, `registry ...`
     name = f"tasn {args.command}" + (f" {action}" if action else "")
     try:

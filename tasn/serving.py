@@ -150,8 +150,10 @@ def copy_package(dest: Path) -> Path:
 def log_model(weights: str | Path, predictor: Predictor, name: str = "model", step: int = 0) -> Any:
     """Log the pyfunc to the active MLflow run; returns MLflow's ModelInfo (`.model_uri` is
     models:/<model_id>). `weights` is the run's model.pt; `predictor` the same network in memory
-    (its class names and sizes become the model's metadata); `step` the optimizer step it is the
-    model of (MLflow links the run's metrics of that step to it)."""
+    (its class names and sizes become the model's metadata); `name` the LoggedModel's name (`tasn
+    train` gives it the registered model's, `register.model_name`, so the run's model and its
+    registered versions read alike in the UI); `step` the optimizer step it is the model of
+    (MLflow links the run's metrics of that step to it)."""
     import mlflow
 
     frame = pd.DataFrame({IMAGE: [example_jpeg(predictor.resize or predictor.input_size)]})

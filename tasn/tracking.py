@@ -12,7 +12,9 @@ What a run says about itself: a name that tells it apart in the runs table (`run
 experiment's name, else kind-backbone-out size-suffix), the context it ran in as tags
 (`context_tags`: the Kubeflow run id, the DVC experiment), its code as MLflow's own
 `mlflow.source.git.commit`, and its data as an MLflow dataset input (`Run.log_dataset`) whose digest
-is the data version, so the UI shows which data each run used.
+is the data version, so the UI shows which data each run used. Its experiment is marked as one of
+model training (`mark_training_experiment`), and `runs_page` is the UI address that opens on its
+runs table.
 
 During the run every MLflow call goes through `Run` (`Outage`): MLflow's own client retries what a
 retry can mend, within bounds the config sets (`http_settings`: `tracking.request_timeout`,
@@ -66,6 +68,13 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI links it; se
 DATA_VERSION_TAG = "data.version"
 DIGEST_LEN = 36  # MLflow's dataset digest column holds 36 characters: an md5 + ".dir" fits exactly
 UNVERSIONED = (None, "", "untracked", "unknown")
+# MLflow 3's experiment kind: training runs of a model, not a GenAI app's traces. MLflow 3.17's UI
+# chooses an experiment's pages by its own "GenAI | Model training" switch instead (the URL's
+# `workflowType`, else the browser's last choice, else GenAI): `runs_page` is the address that opens
+# on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW = "machine_learning"  # the switch's "Model training" (mlflow/server/js: workflowType)
 
 
 def _mlflow() -> ModuleType:
@@ -206,13 +215,35 @@ def setup(cfg: TrackingConfig, run_uri: str | None = None) -> str:
 
 
 def experiment_id(name: str, uri: str) -> str:
-    """The experiment's id, created if needed; a local sqlite store keeps artifacts in ./mlruns."""
+    """The experiment's id, created if needed (a local sqlite store keeps artifacts in ./mlruns),
+    and marked as one of training runs (`mark_training_experiment`)."""
     mlflow = _mlflow()
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return str(exp.experiment_id)
-    location = local_artifact_root() if uri.startswith("sqlite:") else None
-    return str(mlflow.create_experiment(name, artifact_location=location))
+    if exp is None:
+        location = local_artifact_root() if uri.startswith("sqlite:") else None
+        tags = {EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+        return str(mlflow.create_experiment(name, artifact_location=location, tags=tags))
+    mark_training_experiment(exp)
+    return str(exp.experiment_id)
+
+
+def mark_training_experiment(exp: Any) -> None:
+    """Tag an experiment made elsewhere (older tasn, `mlflow experiments create`) as one of model
+    training runs, unless someone chose its kind already (MLflow's own record of what an
+    experiment is; see UI_WORKFLOW for what its 3.17 UI reads)."""
+    if EXPERIMENT_KIND_TAG in (exp.tags or {}):
+        return
+    try:
+        _mlflow().MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    except Exception as exc:  # an account that may log runs but not edit the experiment: a view, not a failure
+        log.info("MLflow: experiment %s keeps no kind (%s); its UI opens on the GenAI overview", exp.name, exc)
+
+
+def runs_page(experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The address of an experiment's runs table in the MLflow UI at `ui` (what `mlflow ui`
+    serves by default), in its "Model training" mode: a plain experiment address opens on the
+    GenAI overview in MLflow 3.17, whatever the experiment's kind."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?workflowType={UI_WORKFLOW}"
 
 
 # -- what -----------------------------------------------------------------------------------

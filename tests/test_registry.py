@@ -75,8 +75,8 @@ def promote_cli(*args) -> int:
 def test_register_tags_metrics_data_version_and_commit(runs, name):
     v = add(runs, name, 0.625)
     mv = registry.client().get_model_version(name, v)
-    assert mv.tags["metric.master_aux_top1"] == "0.625" and float(mv.tags["metric.top1"]) == 0.625
-    assert "metric.loss" not in mv.tags  # NaN is not a comparable metric
+    assert mv.tags["metric.master_aux_top1"] == "0.625"  # the gate's number, and no copy of the others:
+    assert [k for k in mv.tags if k.startswith("metric.")] == ["metric.master_aux_top1"]  # on the LoggedModel
     assert mv.tags["data_version"] == "d1"
     assert mv.tags["git_commit"] == "c0ffee1"
     assert mv.tags["run_id"] == runs["d1"][0]

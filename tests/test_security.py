@@ -35,7 +35,7 @@ from components.runtime import run_tasn
 from fixtures.data_smoke import smoke_data  # noqa: F401  (fixture)
 from fixtures.models import baseline_model
 from fixtures.servers import Account
-from tasn import redact, serving, storage, tracking
+from tasn import evaluate, redact, serving, storage, tracking
 from tasn.checkpoint import fingerprint, save_checkpoint, save_model
 from tasn.cli import main
 from tasn.config import TrackingConfig, load_config
@@ -46,7 +46,7 @@ from tasn.model import build_model
 from tasn.predict import from_checkpoint
 from tasn.pyfunc_model import TASNClassifier
 from tasn.registry import REGISTRATION, alias_holder, lock
-from tasn.training.outputs import METRICS, RUN
+from tasn.training.outputs import MODEL, RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 CREDENTIAL_ENV = (tracking.USER_ENV, tracking.PASSWORD_ENV, "MLFLOW_TRACKING_URI")
@@ -279,7 +279,7 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
     host = url.removeprefix("http://")
     name = "tasn-auth"
     admin = MlflowClient(url, registry_uri=url)
-    out, reg = tmp_path / "train", tmp_path / "register"
+    out, scored, reg = tmp_path / "train", tmp_path / "evaluate", tmp_path / "register"
     smoke = ["--params", str(ROOT / "params.yaml"), "--profile", "smoke"]
     code_of = {}
     with caplog.at_level(logging.INFO):
@@ -293,10 +293,18 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
                                      "-S", f"tracking.uri=http://{ci.username}:{ci.password}@{host}"])
         finally:
             torch.set_num_threads(threads)
-        # 2. registering and gating, as the pipeline's account given in the environment (as the pods)
+        # 2. evaluating, registering and gating, as the pipeline's account given in the environment (as
+        # the pods); the gate reads the test split's accuracies, which are evaluate's
         _as(monkeypatch, ci)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        register = ["register", "--run-json", str(out / RUN), "--metrics", str(out / METRICS), "--name", name, *smoke]
+        torch.set_num_threads(1)
+        try:
+            code_of["evaluate"] = main(["evaluate", "--data", str(smoke_data), "--model", str(out / MODEL),
+                                        "--out", str(scored), "--run-json", str(out / RUN), *smoke])
+        finally:
+            torch.set_num_threads(threads)
+        register = ["register", "--run-json", str(out / RUN), "--metrics", str(scored / evaluate.METRICS),
+                    "--name", name, *smoke]
         code_of["register"] = main([*register, "--out", str(reg), "--promote"])
         code_of["register v2"] = main([*register, "--out", str(tmp_path / "reg2")])
         capfd.readouterr()
@@ -315,8 +323,8 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
                                       "canary passed", *smoke])
     captured = capfd.readouterr()
 
-    assert code_of == {"train": 0, "register": 0, "register v2": 0, "intruder register": 1, "intruder promote": 1,
-                       "promote v2": 0}
+    assert code_of == {"train": 0, "evaluate": 0, "register": 0, "register v2": 0, "intruder register": 1,
+                       "intruder promote": 1, "promote v2": 0}
     registration = json.loads((reg / REGISTRATION).read_text())
     assert (registration["version"], registration["decision"], registration["applied"]) == ("1", "promote", True)
     for err, endpoint in ((refused_register, "model-versions/create"), (refused_promote, "registered-models/")):
@@ -337,7 +345,7 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
     run_info = json.loads((out / RUN).read_text())
     assert run_info["tracking_uri"] == url
     run = admin.get_run(run_info["run_id"])
-    assert run.info.status == "FINISHED" and run.data.params["tracking.uri"] == url
+    assert run.info.status == "FINISHED" and "tracking.uri" not in run.data.params  # a setting of no weight
     assert run.data.params["train.max_steps"] == "2" and "master_aux_top1" in run.data.metrics
 
     # no credential anywhere: params, tags, artifacts, output files, stdout/stderr, logs, the server
@@ -348,7 +356,7 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
     model = admin.get_registered_model(name)
     texts["model"] = json.dumps([model.tags, model.description] + [[v.tags, v.description, v.source]
                                                                    for v in versions])
-    blobs = {str(p): p.read_bytes() for d in (out, reg) for p in d.rglob("*") if p.is_file()}
+    blobs = {str(p): p.read_bytes() for d in (out, scored, reg) for p in d.rglob("*") if p.is_file()}
     artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art"),
                                                          tracking_uri=url))
     logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=run_info["model_uri"],

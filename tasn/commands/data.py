@@ -1,6 +1,7 @@
 """Data commands: `tasn data fashion|synth|import-cub|import-folder`, `tasn validate`, `tasn preprocess`.
 
-Each prints its stage's summary as JSON on stdout. Handlers import their stage module when run
+Each prints its stage's summary as JSON on stdout (validate's without the rules that passed: they
+are in its summary.json and report.html). Handlers import their stage module when run
 (see tasn.commands).
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
+from typing import Any
 
 from tasn.commands.common import Subparsers, bounded_int, config_from_args, print_json
 from tasn.config.schema import DEFAULT_MAX_PIXELS, MAX_PIXELS, MAX_SEED, MAX_WORKERS
@@ -47,8 +50,19 @@ def _validate(args: argparse.Namespace) -> int:
     if args.write_suite:
         print_json([str(p) for p in write_suite(cfg.validate, args.write_suite)])
         return 0
-    print_json(validate(args.data or cfg.data.raw, args.report_dir or cfg.data.validated, cfg.validate).summary)
+    result = validate(args.data or cfg.data.raw, args.report_dir or cfg.data.validated, cfg.validate)
+    print_json(validation_brief(result.summary, result.report_dir))
     return 0
+
+
+def validation_brief(summary: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+    """What a person reads of a passed validation: the counts, how many rules passed and where
+    the details are (summary.json holds every rule; a failure is raised with its offenders)."""
+    from tasn.data.validate import REPORT, SUMMARY
+
+    rules = summary.get("rules", [])
+    return {**{k: v for k, v in summary.items() if k != "rules"}, "rules_passed": sum(r["passed"] for r in rules),
+            "report": str(report_dir / REPORT), "details": str(report_dir / SUMMARY)}
 
 
 def _preprocess(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from tasn.choices import (
     ModelKind,
     Optimizer,
     PretrainedWeights,
+    RegisterWhen,
     Schedule,
 )
 from tasn.config.rules import Range
@@ -226,6 +227,9 @@ class RegisterConfig:
     # `tasn register --promote` (the dvc.yaml stage) runs the staging gate; false: register only.
     # A DVC experiment (`dvc exp run`) never runs it, whatever this says.
     promote: bool = True
+    # Which runs become versions (tasn.registry.stage.registers): auto = all but a DVC experiment's,
+    # which registers only when asked (`dvc exp run -S register.enabled=true`); true; false.
+    enabled: RegisterWhen = "auto"
 
     def relations(self) -> Iterator[str]:
         """The names MLflow's registry refuses, refused here before any work (its own rules)."""

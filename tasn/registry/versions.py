@@ -63,23 +63,25 @@ def register_version(
     git_commit_tags: tuple[str, ...] = ("git.commit", tracking.GIT_COMMIT_TAG),
     attempt: str | None = None,
 ) -> ModelVersion:
-    """Register `model_uri` (logged by run `run_id`) as a new version of `name`, tagged with the
-    metrics, the data version (the run's tag `data_version_tag`, set by `tasn train`), the git
-    commit (the run's `git.commit` tag, which runs logged before MLflow's own tag was set
-    explicitly carry, else `mlflow.source.git.commit`, else this checkout's HEAD) and the run's
-    Kubeflow run / DVC experiment tags; described in words (`describe.version_description`, with
-    `primary_metric` as the headline), and the registered model's description brought up to date.
-    Idempotent: the version a KFP run, or the registration `attempt` (`tasn.registry.stage`),
-    registered for this run before is returned instead of a second one."""
+    """Register `model_uri` (logged by run `run_id`) as a new version of `name`, tagged with its
+    `primary_metric` (what the gate compares; `tasn.registry.tags`), the data version (the run's
+    tag `data_version_tag`, set by `tasn train`), the git commit (the run's `git.commit` tag,
+    which runs logged before MLflow's own tag was set explicitly carry, else
+    `mlflow.source.git.commit`, else this checkout's HEAD) and the run's Kubeflow run / DVC
+    experiment tags; described in words (`describe.version_description`, with `primary_metric` as
+    the headline), and the registered model's description brought up to date. Idempotent: the
+    version a KFP run, or the registration `attempt` (`tasn.registry.stage`), registered for this
+    run before is returned instead of a second one."""
     mc = client()
     try:
         run = mc.get_run(run_id)
     except MlflowException as exc:
         raise RegistryError(f"run {run_id!r} not found on {mc.tracking_uri}: {exc.message}") from exc
     run_tags = run.data.tags
-    tags = metric_tags(metrics)
+    tags = metric_tags(metrics, keys=(primary_metric,))  # the gate's; the rest are on the LoggedModel (tags.py)
     if not tags:
-        raise RegistryError(f"no numeric metrics to register for run {run_id} (got keys {sorted(metrics)})")
+        raise RegistryError(f"no numeric {primary_metric} (register.primary_metric) to register for run {run_id} "
+                            f"(got keys {sorted(metrics)})")
     tags[DATA_VERSION_TAG] = run_tags.get(data_version_tag) or UNKNOWN
     commit = next((run_tags[t] for t in git_commit_tags if run_tags.get(t)), None)
     tags[GIT_COMMIT_TAG] = commit or lineage.git_commit() or UNKNOWN

@@ -31,7 +31,7 @@ from tasn.serving import log_model
 from tasn.tracking import Run, RunInfo
 
 MODEL = "model.pt"  # weights + resolved config + class names (tasn.checkpoint.load_model reads it)
-METRICS = "metrics.json"  # final test metrics and the training summary (DVC metrics:)
+METRICS = "metrics.json"  # what training alone measures (DVC metrics:); the test split's are evaluate's
 RUN = "run.json"  # tasn.tracking.RunInfo: the MLflow run and the logged model's URI
 HISTORY = "history.csv"  # one row per epoch (DVC plots:)
 STEPS = "steps.csv"  # one row per logged optimizer step
@@ -50,15 +50,26 @@ def picture_name(epoch: int) -> str:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What `train` returns on every rank: the output folder, metrics.json, run.json."""
+    """What `train` returns on every rank: the output folder, metrics.json, run.json, and the last
+    evaluation on the test split."""
 
     out_dir: Path
     metrics: dict[str, Any]  # what metrics.json holds
     run: RunInfo  # what run.json holds
+    final: dict[str, Any]  # each head's top-1 on the test split at the end, the primary head's as top1
 
     def summary(self) -> dict[str, Any]:
-        """metrics.json and run.json together, plus the output folder: what `tasn train` prints."""
-        return {**self.metrics, **self.run.to_dict(), "out": str(self.out_dir)}
+        """All of the above, plus the output folder: what `tasn train` prints."""
+        return {**self.final, **self.metrics, **self.run.to_dict(), "out": str(self.out_dir)}
+
+
+def train_metrics(train_loss: float, metrics: dict[str, float], epochs: int, steps: int) -> dict[str, Any]:
+    """metrics.json: what only training measures. The last loss on each split, and how far the
+    run got (less than the config says when train.max_steps stops it; the whole count, resumptions
+    included, when it was killed and resumed). The test split's accuracies are not repeated here:
+    `tasn evaluate` measures them on the deployable model, and `dvc metrics show` / `dvc exp show`
+    would show each twice."""
+    return {"train_loss": train_loss, "val_loss": metrics.get("val_loss"), "epochs": epochs, "steps": steps}
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -79,9 +90,9 @@ def write_outputs(out_dir: Path, model: Network, cfg: Config, classes: list[str]
         checkpoint.save_model(str(tmp / MODEL), model, cfg.to_dict(), classes, epochs=len(history), steps=step)
         digest = file_sha256(tmp / MODEL)
         primary = str(model.primary_head)
-        summary = {**metrics, "train_loss": train_loss, "epochs": len(history), "steps": step,
-                   "primary_head": primary, "top1": metrics.get(f"{primary}_top1"), "kind": cfg.model.kind,
-                   MODEL_SHA256: digest}
+        summary = {**train_metrics(train_loss, metrics, len(history), step), MODEL_SHA256: digest}
+        final = {**{k: v for k, v in metrics.items() if k != "val_loss"}, "top1": metrics.get(f"{primary}_top1"),
+                 "primary_head": primary, "kind": cfg.model.kind}
         atomic_write_json(tmp / METRICS, summary)
         atomic_write_text(tmp / HISTORY, csv_text(history))
         atomic_write_text(tmp / STEPS, csv_text(steps))
@@ -93,11 +104,12 @@ def write_outputs(out_dir: Path, model: Network, cfg: Config, classes: list[str]
                 if (tmp / name).exists():
                     run.log_artifact(tmp / name)
             predictor = Predictor(model.cpu(), classes, cfg.model.input_size, cfg.preprocess.size)
-            logged = run.log_model(lambda: log_model(tmp / MODEL, predictor, step=step))
+            logged = run.log_model(lambda: log_model(tmp / MODEL, predictor, name=cfg.register.model_name,
+                                                     step=step))
             info = RunInfo(run.run_id, run.experiment_id, run.uri, logged.model_uri if logged else None)
         atomic_write_json(tmp / RUN, {**info.to_dict(), MODEL_SHA256: digest})
         carry_over(out_dir, tmp, skip=FINAL_FILES)
-    return TrainResult(out_dir, summary, info)
+    return TrainResult(out_dir, summary, info, final)
 
 
 def carry_over(old: Path, new: Path, skip: tuple[str, ...]) -> None:
