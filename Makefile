@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-fast test-image image image-gpu install system-deps bench lint duplicates clean help
+.PHONY: run demo-results readme-walk test test-fast test-image image image-gpu install system-deps bench lint duplicates clean help
 
 help:
 	@echo "make run     - install if needed, pull the embedded sample through DVC, run the whole pipeline (dvc repro)"
+	@echo "make readme-walk - retake the README walk's timings and pictures on a fresh clone (needs chromium)"
 	@echo "make test    - install if needed (Python packages and the test servers), run the test suite"
 	@echo "make bench   - CPU benchmarks (sampler, loader, train step); GPU: benchmarks/gpu_check.sh"
 	@echo "make lint    - ruff, mypy, byte-compile, and look for copy-paste twins"
@@ -55,6 +56,19 @@ system-deps:
 
 run: install
 	./scripts/run_pipeline.sh
+
+# The committed demo run (maintainers, when the demo's numbers change): `make run`, then what it
+# made into the in-repo remote dvc-storage/, where a fresh clone's `dvc pull` and `dvc artifacts
+# get` find it (tests/test_local_loop.py checks), and the machine it ran on into outputs/MACHINE.md.
+# Then commit dvc.lock, outputs/ and dvc-storage/.
+demo-results: run
+	$(BIN)/dvc push
+	$(BIN)/python scripts/machine.py --results > outputs/MACHINE.md
+
+# Retake the README's walk on a fresh clone of HEAD: each step timed, the pictures in docs/images/
+# retaken through headless Chromium (Debian's chromium), a report in outputs/readme_walk.md.
+readme-walk: install
+	$(BIN)/python scripts/readme_walk.py
 
 test: install system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider

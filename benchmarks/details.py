@@ -150,7 +150,8 @@ def run_one(data: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
         *overrides,
     ])
     start = time.perf_counter()
-    metrics = dict(train(cfg, data, out).metrics)
+    result = train(cfg, data, out)
+    metrics = {**result.metrics, **result.final}  # metrics.json's losses and budget, the test split's top-1s
     wall = time.perf_counter() - start
     with (out / STEPS).open() as fh:
         rates = [float(r["images_per_s"]) for r in csv.DictReader(fh)]

@@ -9,18 +9,21 @@ copy, and the data stages stay cached when only training knobs change.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import kfp
 import yaml
 from kfp import compiler, local
+from kfp.local import logging_utils as local_logging
 
 from pipelines.server import check_server, find_pipeline, server_info
 from pipelines.stage_configs import refuse_credentials, stage_configs
@@ -44,6 +47,8 @@ COMPILED = PROJECT_ROOT / "pipelines" / "tasn_pipeline.yaml"
 FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED")
 WAIT_TIMEOUT_S = float(RUN_WINDOW_S)  # a run retried as often and as long as its tasks may be
 POLL_S = 30.0  # between two looks at a run `submit --wait` follows
+LOG = "run-local.log"  # under the pipeline root: every task's whole output, as kfp.local printed it
+EXECUTOR_INPUT, EXECUTOR_INPUT_END = "Got executor_input:", "    }"  # the JSON a KFP executor logs, indented
 
 
 def compile_to_text() -> str:
@@ -100,7 +105,8 @@ def run_local(data: str | os.PathLike[str], params: str | os.PathLike[str] | Non
     unset: the store `tracking.uri` resolves to, by default `mlflow.db` in the current directory,
     named explicitly so the tasks never pick a store of their own), the S3 settings, TASN_WORK_URI.
     With `cache`, validate and preprocess are served from kfp.local's cache under the pipeline root
-    when their config section and the data are unchanged.
+    when their config section and the data are unchanged. The console shows each task's log (no
+    colour codes off a terminal, no executor input); all of it is in `<pipeline root>/run-local.log`.
     """
     data = Path(data).resolve()
     if not (data / "images.txt").is_file():
@@ -118,17 +124,71 @@ def run_local(data: str | os.PathLike[str], params: str | os.PathLike[str] | Non
     # tasks import `components.runtime` and run `python -m tasn.cli`: this checkout, after the user's path
     python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(PROJECT_ROOT)) if p)
     start = time.monotonic()
+    log_path = root / LOG
     try:
-        with _environment(PYTHONPATH=python_path, MLFLOW_TRACKING_URI=tracking_uri), warnings.catch_warnings():
+        with _environment(PYTHONPATH=python_path, MLFLOW_TRACKING_URI=tracking_uri), _plain_off_terminal(), \
+                _console(log_path), warnings.catch_warnings():
             # expected under kfp.local, so said once in docs/pipeline.md rather than per task:
             # resource requests and the image are cluster settings the local runner ignores
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
             warnings.filterwarnings("ignore", message=".*non-Python base image")
             build_pipeline(retries=0)(**args)
     except RuntimeError as exc:  # kfp.local: "Pipeline 'tasn' finished with status FAILURE ..."
-        raise TASNError(f"the local pipeline run failed: {_plain(exc)} (task logs above; outputs under {root})"
-                        ) from exc
-    return {"pipeline_root": str(root), "seconds": time.monotonic() - start, "tracking_uri": tracking_uri}
+        raise TASNError(f"the local pipeline run failed: {_plain(exc)} (task logs above and in {log_path}; "
+                        f"outputs under {root})") from exc
+    return {"pipeline_root": str(root), "seconds": time.monotonic() - start, "tracking_uri": tracking_uri,
+            "log": str(log_path)}
+
+
+class _Console(io.TextIOBase):
+    """What run-local shows while kfp.local runs: everything, less the page of JSON each task's
+    KFP executor dumps first (its executor input, at INFO, with no setting to quiet it); the whole
+    of it goes to the log file as well."""
+
+    def __init__(self, console: TextIO, full: TextIO):
+        self.console, self.full = console, full
+        self.pending, self.skipping = "", False
+
+    def write(self, text: str) -> int:
+        self.full.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if self.skipping:
+                self.skipping = line.rstrip() != EXECUTOR_INPUT_END
+            elif line.rstrip().endswith(EXECUTOR_INPUT):
+                self.skipping = True
+                self.console.write(f"{line} (in {Path(self.full.name).name})\n")
+            else:
+                self.console.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.full.flush()
+        self.console.flush()
+
+
+@contextlib.contextmanager
+def _console(log_path: Path) -> Iterator[None]:
+    """For the block, stdout (where kfp.local prints each task's log) through `_Console`."""
+    with log_path.open("a", encoding="utf-8") as full, contextlib.redirect_stdout(_Console(sys.stdout, full)):
+        yield
+
+
+@contextlib.contextmanager
+def _plain_off_terminal() -> Iterator[None]:
+    """kfp.local colours task names and states with terminal codes, wherever its output goes; off a
+    terminal (a log file, CI) they are noise, so for the block its colouring returns the text as
+    it is (kfp.local has no setting for it)."""
+    if sys.stdout.isatty():
+        yield
+        return
+    original = local_logging.color_text
+    local_logging.color_text = lambda text, color: text
+    try:
+        yield
+    finally:
+        local_logging.color_text = original
 
 
 def connect(host: str | None, token: str | None, namespace: str | None = None) -> kfp.Client:

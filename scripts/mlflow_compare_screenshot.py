@@ -2,7 +2,7 @@
 
 Everything is real and local: a `mlflow server --workers 1` on loopback, a TASN and a baseline run
 that learned, then headless Chromium opens the MLflow compare-runs page, shows only the parameters
-that differ, and saves a screenshot. Needs Debian's `chromium`.
+that differ, and saves a screenshot. Needs Debian's `chromium` (driven by scripts/browser.py).
 
 Where the runs come from:
 - by default, trained here: the CPU demo (params.yaml's top level) on the embedded set (read from
@@ -20,24 +20,19 @@ Where the runs come from:
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mlflow
-import websocket
+from browser import browser, free_port, serving
 
 from tasn.config import load_config
 from tasn.data.dvc_remote import materialize
@@ -47,48 +42,11 @@ from tasn.io import atomic_write_bytes
 from tasn.training import train
 from tasn.training.outputs import MODEL
 
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--hide-scrollbars",
-]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path, store: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on the sqlite file `store`; its log and any new artifacts under `root`."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store.resolve()}", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"mlflow server exited: see {root / 'server.log'}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("mlflow server did not start within 180 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+def server_command(root: Path, store: Path, port: int) -> list[str]:
+    """`mlflow server` on the sqlite file `store`, any new artifacts under `root`."""
+    return [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{store.resolve()}", "--artifacts-destination", str(root / "artifacts")]
 
 
 def train_and_evaluate(kind: str, data: Path, work: Path, url: str, epochs: int | None) -> str:
@@ -121,61 +79,20 @@ BOTTOM_JS = """(() => { const m = Array.from(document.querySelectorAll('*'))
 
 
 def screenshot(url: str, out: Path, width: int, wait_s: float) -> None:
-    """Headless Chromium driven over the DevTools protocol (websocket-client, a kfp dependency):
-    load the compare page, tidy it, capture from the top to the Artifacts section."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        raise SystemExit("chromium not found: apt-get install chromium")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        proc = subprocess.Popen(
-            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},1200",
-             f"--remote-debugging-port={port}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2))
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("chromium's DevTools endpoint did not answer") from None
-                    time.sleep(0.3)
-            page = next(t for t in targets if t["type"] == "page")
-            ws = websocket.create_connection(page["webSocketDebuggerUrl"], suppress_origin=True, timeout=120)
-            counter = iter(range(1, 1_000_000))
-
-            def call(method: str, **params):
-                msg_id = next(counter)
-                ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
-                while True:
-                    msg = json.loads(ws.recv())
-                    if msg.get("id") == msg_id:
-                        return msg.get("result", {})
-
-            def js(expr: str):
-                return call("Runtime.evaluate", expression=expr, returnByValue=True).get("result", {}).get("value")
-
-            call("Page.navigate", url=url)
-            deadline = time.monotonic() + wait_s
-            while not js("!!document.body && document.body.innerText.includes('Run details')"):
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the MLflow compare page did not render within {wait_s:.0f} s")
-                time.sleep(0.5)
-            time.sleep(3)  # metrics tables fill in after the header
-            call("Emulation.setDeviceMetricsOverride", width=width, height=5000, deviceScaleFactor=1, mobile=False)
-            js(TIDY_JS)
-            time.sleep(3)
-            bottom = js(BOTTOM_JS) or 1400
-            shot = call("Page.captureScreenshot", format="png",
-                        clip={"x": 0, "y": 0, "width": width, "height": int(bottom) - 20, "scale": 1})
-            atomic_write_bytes(out, base64.b64decode(shot["data"]))
-            ws.close()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    """Headless Chromium (scripts/browser.py): load the compare page, tidy it, capture from the top
+    to the Artifacts section."""
+    with browser(width) as page:
+        page.open(url, width, 1200)
+        page.wait_for("!!document.body && document.body.innerText.includes('Run details')", wait_s,
+                      "the MLflow compare page rendering")
+        time.sleep(3)  # metrics tables fill in after the header
+        page.call("Emulation.setDeviceMetricsOverride", width=width, height=5000, deviceScaleFactor=1, mobile=False)
+        page.js(TIDY_JS)
+        time.sleep(3)
+        bottom = page.js(BOTTOM_JS) or 1400
+        shot = page.shot(out.with_suffix(".tmp.png"), width, int(bottom) - 20)
+        atomic_write_bytes(out, shot.read_bytes())
+        shot.unlink()
 
 
 def main() -> int:
@@ -201,23 +118,24 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.store is not None:
         shutil.copyfile(args.store, work / "mlflow.db")
-    proc, url = start_server(work, work / "mlflow.db")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     try:
-        if args.runs:
-            runs = list(args.runs)
-        else:
-            cfg = load_config(ROOT / "params.yaml")
-            raw = materialize(ROOT / "data.dvc", ROOT / "dvc-storage", work / "raw")
-            preprocess(raw, work / "prepared", cfg.preprocess)
-            runs = [train_and_evaluate(kind, work / "prepared", work, url, args.epochs)
-                    for kind in ("tasn", "baseline")]
-        exp = mlflow.MlflowClient(url).get_run(runs[0]).info.experiment_id
-        page = f"{url}/#/compare-runs?runs={json.dumps(runs)}&experiments={json.dumps([exp])}"
-        print("comparing", page)
-        screenshot(page, Path(args.out), args.width, args.wait)
-        print("wrote", args.out)
+        with serving(server_command(work, work / "mlflow.db", port), url + "/health", work / "server.log", work):
+            if args.runs:
+                runs = list(args.runs)
+            else:
+                cfg = load_config(ROOT / "params.yaml")
+                raw = materialize(ROOT / "data.dvc", ROOT / "dvc-storage", work / "raw")
+                preprocess(raw, work / "prepared", cfg.preprocess)
+                runs = [train_and_evaluate(kind, work / "prepared", work, url, args.epochs)
+                        for kind in ("tasn", "baseline")]
+            exp = mlflow.MlflowClient(url).get_run(runs[0]).info.experiment_id
+            page = f"{url}/#/compare-runs?runs={json.dumps(runs)}&experiments={json.dumps([exp])}"
+            print("comparing", page)
+            screenshot(page, Path(args.out), args.width, args.wait)
+            print("wrote", args.out)
     finally:
-        stop_server(proc)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0

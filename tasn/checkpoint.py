@@ -30,10 +30,12 @@ import numpy as np
 import torch
 
 from tasn import storage
-from tasn.config import Config, ModelConfig
-from tasn.errors import ConfigError, TASNError
+from tasn.config import Config, check
+from tasn.config.loader import build
+from tasn.errors import ConfigError, DataError, TASNError, shown
 from tasn.model import build_model
 from tasn.model.network import Network
+from tasn.redact import redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ def save_checkpoint(state: dict[str, Any], directory: str, step: int, keep: int 
                     endpoint: str | None = None) -> str:
     """Write `state` as `<directory>/ckpt-<step>.pt` and delete all but the `keep` newest."""
     uri = storage.join(directory, checkpoint_name(step))
+    if "config" in state:  # the run's config: its URIs may carry credentials
+        state = {**state, "config": redact_tree(state["config"])}
     storage.write_bytes(uri, to_bytes(state), endpoint=endpoint)
     if keep > 0:
         for old in list_checkpoints(directory, endpoint)[:-keep]:
@@ -147,6 +151,20 @@ def resume_source(resume: str, directory: str, endpoint: str | None = None) -> t
     return None
 
 
+def clear_checkpoints(directory: str, endpoint: str | None = None) -> list[str]:
+    """Delete the checkpoints in `directory`; returns them. A run that starts afresh in a folder
+    (`--resume never`, as the DVC stage does) clears it first: an earlier run's later steps would
+    outrank its own, both in the rotation (`save_checkpoint` keeps the newest by step) and when a
+    later run resumes `auto`."""
+    found = list_checkpoints(directory, endpoint)
+    for uri in found:
+        storage.delete(uri, endpoint=endpoint)
+    if found:
+        log.warning("starting afresh (resume never): removed %d checkpoint(s) an earlier run left in %s",
+                    len(found), directory)
+    return found
+
+
 def sweep_temporaries(directory: str) -> list[str]:
     """Delete what killed checkpoint writes left in a local checkpoint folder (an S3 PUT leaves
     nothing); returns the removed paths. Call at the start of the run that owns the folder."""
@@ -168,7 +186,7 @@ def fingerprint(cfg: Config, data_version: str | None) -> dict[str, Any]:
     """`section.key -> value` of everything a checkpoint's weights depend on, plus the data version."""
     flat = cfg.flat()
     keys = (k for k in flat if k.split(".", 1)[0] in FINGERPRINT_SECTIONS and k not in FINGERPRINT_IGNORED)
-    return {**{k: flat[k] for k in sorted(keys)}, DATA_VERSION: data_version}
+    return redact_tree({**{k: flat[k] for k in sorted(keys)}, DATA_VERSION: data_version})
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -199,10 +217,11 @@ def check_fingerprint(uri: str, state: dict[str, Any], current: dict[str, Any], 
 # -- the final model -------------------------------------------------------------------------
 
 def model_payload(model: torch.nn.Module, config: dict[str, Any], classes: list[str], **extra: Any) -> dict[str, Any]:
-    """The `model.pt` contract of docs/stages.md: weights, the resolved config, class names, kind."""
+    """The `model.pt` contract of docs/stages.md: weights, the resolved config (credentials in its
+    URIs redacted: `tasn.redact.redact_tree`), class names, kind."""
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": config,
+        "config": redact_tree(config),
         "classes": list(classes),
         "kind": config["model"]["kind"],
         **extra,
@@ -214,16 +233,37 @@ def save_model(uri: str, model: torch.nn.Module, config: dict[str, Any], classes
     return storage.write_bytes(uri, to_bytes(model_payload(model, config, classes, **extra)), endpoint=endpoint)
 
 
+def recorded_config(config: Any, where: str) -> Config:
+    """The config a model file (or checkpoint) records, held to the rules of a params file
+    (`tasn.config.loader.build` and `check`): a file edited by hand or by an attacker cannot
+    ask for 10^8 sampler iterations or keys no network takes."""
+    try:
+        cfg: Config = build(Config, config)
+        check(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: the config recorded in it is not valid: {exc}") from None
+    return cfg
+
+
 def load_model(path_or_uri: str, endpoint: str | None = None) -> tuple[Network, dict[str, Any]]:
     """Rebuild the network from a `model.pt` (or a training checkpoint, which carries the same
-    keys) and return (model in eval mode, meta); meta is the payload without the weights."""
+    keys) and return (model in eval mode, meta); meta is the payload without the weights, its
+    config the checked one (`recorded_config`)."""
     payload = from_bytes(storage.read_bytes(path_or_uri, endpoint=endpoint), path_or_uri)
     if not isinstance(payload, dict) or not {"model", "config", "classes"} <= set(payload):
         raise ValueError(f"{path_or_uri} is not a TASN model file (needs model, config, classes)")
-    model_cfg = ModelConfig(**payload["config"]["model"])
-    model_cfg.pretrained = model_cfg.att_pretrained = "none"  # the weights are in the file
-    model = build_model(model_cfg, len(payload["classes"]))
-    model.load_state_dict(payload["model"])
+    cfg = recorded_config(payload["config"], path_or_uri)
+    classes = payload["classes"]
+    if not (isinstance(classes, list) and 0 < len(classes) <= 10**6 and all(isinstance(c, str) for c in classes)):
+        raise ConfigError(f"{path_or_uri}: its classes must be a non-empty list of names, got {shown(classes)}")
+    cfg.model.pretrained = cfg.model.att_pretrained = "none"  # the weights are in the file
+    model = build_model(cfg.model, len(classes))
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:  # shapes, missing keys, not a state dict
+        raise DataError(f"{path_or_uri}: its weights do not fit the {cfg.model.kind} network its config "
+                        f"describes ({shown(str(exc))})") from None
     model.eval()
     meta = {k: v for k, v in payload.items() if k != "model"}
+    meta["config"] = cfg.to_dict()
     return model, meta

@@ -42,6 +42,8 @@ Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "cosine"]
 # Distillation's soft targets softmax(part / T): with their gradient (the authors' code), or constants.
 DistillTeacher = Literal["authors", "detached"]
+# Whether `tasn register` makes a version: auto (every run but a DVC experiment's), or always / never.
+RegisterWhen = Literal["auto", True, False]
 
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 BACKBONES: tuple[str, ...] = get_args(Backbone)

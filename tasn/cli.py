@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,15 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def quiet_off_terminal() -> None:
+    """Off a terminal (`make run`'s log, `dvc repro`, a pod), a redrawn progress bar is a line per
+    frame: MLflow's artifact download bars are switched off there, unless the environment says
+    otherwise (MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR). tasn's own bars are off there already
+    (tasn.training.progress)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tasn",
@@ -65,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(command: str, message: str) -> None:
+    """The one error line, credentials redacted, and a file name that is not UTF-8 (kept by Python
+    as lone surrogates) shown escaped rather than failing to print."""
+    line = f"{command}: error: {redact_text(message)}"
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     install_log_redaction()
+    quiet_off_terminal()
     action = getattr(args, f"{args.command}_command", None)  # `data import-cub`, `registry ...`
     name = f"tasn {args.command}" + (f" {action}" if action else "")
     try:
@@ -81,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except TASNError as exc:
         refused = refusal(exc)  # an MLflow server's 401/403 behind it: who was refused, and what to set
         detail = f"\n  {refused}" if refused else ""
-        print(f"{name}: error: {redact_text(str(exc) + detail)}", file=sys.stderr)
+        _error(name, str(exc) + detail)
         return exc.exit_code
     except OSError as exc:  # the filesystem said no (permissions, a full disk, a file where a folder goes)
         log.debug("%s failed", name, exc_info=True)
-        print(f"{name}: error: {redact_text(str(exc))}", file=sys.stderr)
+        _error(name, str(exc))
         return 1
     except Terminated:
         print(f"{name}: terminated (SIGTERM)", file=sys.stderr)

@@ -1,14 +1,16 @@
 """`tasn evaluate`: the test split through a trained model, every number a reviewer asks for.
 
 Why these numbers: TASN has five heads and the authors report `master_aux` (the shared head on the
-structure-preserved image), so every head's top-1/top-5 is reported and `top1`/`top5` repeat the
-model's primary head, which makes a TASN run and a baseline run directly comparable in the MLflow
-UI. The distillation gap (how often master and part agree, and KL(part || master) at T = 1 and at
-the training temperature) shows whether the feature distiller did its job. Throughput and latency
-are measured on the deployable path, the `Predictor`'s forward (what `tasn predict` and a server
-run), on this machine.
+structure-preserved image), so every head's top-1 is reported, the primary head's top-k too, and
+`top1`/`top5` repeat the model's primary head, which makes a TASN run and a baseline run directly
+comparable in the MLflow UI. The distillation gap (how often master and part agree, and KL(part ||
+master) at T = 1 and at the training temperature) shows whether the feature distiller did its job.
+Throughput and latency are measured on the deployable path, the `Predictor`'s forward (what `tasn
+predict` and a server run), on this machine.
 
 Outputs (written together, atomically): `metrics.json` (flat numbers, DVC `metrics:`),
+`evaluated.json` (the model evaluated and its sha256, which `tasn register` checks against train's
+run.json),
 `per_class.csv` and `confusion.csv` (DVC `plots:`; the latter one row per image, `actual` and
 `predicted`, as DVC's confusion template wants), `confusion.png`. With a run id they are also logged
 to that MLflow run: metrics prefixed `test_`, files under `evaluate/`. The metrics are logged
@@ -23,6 +25,7 @@ Every model is loaded the same way, without unpickling or running code from the 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -30,6 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +48,21 @@ from tasn.config import Config, check
 from tasn.data.dataset import PreparedDataset
 from tasn.data.transforms import eval_transform
 from tasn.errors import DataError, ServiceError, TASNError
-from tasn.io import atomic_dir, atomic_write_json, atomic_write_text, check_apart
+from tasn.io import (
+    EVALUATED,
+    MODEL_SHA256,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    check_apart,
+    check_same_model,
+    file_sha256,
+    output_lock,
+    read_json,
+)
 from tasn.model.network import Network
 from tasn.predict import Predictor, from_checkpoint, load_predictor
+from tasn.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +88,7 @@ class Loaded:
     temperature: float  # the distillation temperature it was trained with
     run_id: str | None  # the MLflow run that produced it, when known
     model_id: str | None  # its MLflow LoggedModel, when it is one
+    sha256: str | None  # of its model.pt (what train's metrics.json and run.json record)
 
 
 def load(model: str, cfg: Config) -> Loaded:
@@ -83,14 +100,17 @@ def load(model: str, cfg: Config) -> Loaded:
             raise
         except Exception as exc:  # MLflow raises several types for a wrong URI
             raise TASNError(f"--model {model}: cannot load the model from MLflow ({exc})") from exc
-        return Loaded(found.predictor, _temperature(found.predictor, cfg), found.run_id, found.model_id)
+        return Loaded(found.predictor, _temperature(found.predictor, cfg), found.run_id, found.model_id, found.sha256)
     if "://" not in model and not Path(model).is_file():
         raise DataError(f"--model {model}: no such checkpoint file (run `tasn train` first)")
+    endpoint = cfg.tracking.s3_endpoint or None
     try:
-        predictor = from_checkpoint(model, endpoint=cfg.tracking.s3_endpoint or None)
+        predictor = from_checkpoint(model, endpoint=endpoint)
+        raw = storage.read_bytes(model, endpoint) if "://" in model else None
+        digest = file_sha256(model) if raw is None else hashlib.sha256(raw).hexdigest()
     except (ValueError, KeyError, OSError) as exc:
         raise DataError(f"--model {model}: {exc}") from exc
-    return Loaded(predictor, _temperature(predictor, cfg), None, None)
+    return Loaded(predictor, _temperature(predictor, cfg), None, None, digest)
 
 
 def _temperature(predictor: Predictor, cfg: Config) -> float:
@@ -154,7 +174,6 @@ def distillation_gap(part: torch.Tensor, master: torch.Tensor, temperature: floa
         "distill_agreement": float((part.argmax(1) == master.argmax(1)).double().mean()),
         "distill_kl_t1": kl(1.0),
         "distill_kl_t": kl(temperature),
-        "distill_temperature": float(temperature),
     }
 
 
@@ -184,24 +203,26 @@ def time_forward(predictor: Predictor, batch_size: int, batches: int, device: to
         "throughput_ips": batch_size * runs / total,
         "latency_ms_p50": 1000 * statistics.median(lat),
         "latency_ms_p90": 1000 * lat[min(len(lat) - 1, int(round(0.9 * (len(lat) - 1))))],
-        "timing_batch_size": float(batch_size),
     }
 
 
 def compute_metrics(heads: dict[str, torch.Tensor], labels: torch.Tensor, primary: str, topk: int,
                     temperature: float) -> dict[str, float]:
-    """Flat metrics from the logits: per head top-1/top-k, the primary head's as top1/top5, and
-    the distillation gap when the model has part and master heads."""
+    """Flat metrics from the logits: each head's top-1, the primary head's top-k and its top-1 and
+    top-5 as top1/top5, the distillation gap when the model has part and master heads, and the
+    number of test images. (The other heads' top-k say little the distillation gap does not, and
+    would widen `dvc metrics show` by a column each.)
+    Settings are no metrics (the temperature, the timing batch size and the class count are the
+    run's params and the data's), so `dvc metrics diff` shows only what was measured."""
     m: dict[str, float] = {}
     for head, logits in heads.items():
         m[f"{head}_top1"] = topk_accuracy(logits, labels, 1)
-        m[f"{head}_top{topk}"] = topk_accuracy(logits, labels, topk)
+    m[f"{primary}_top{topk}"] = topk_accuracy(heads[primary], labels, topk)
     m["top1"] = m[f"{primary}_top1"]
     m["top5"] = topk_accuracy(heads[primary], labels, 5)
     if "part" in heads and "master" in heads:
         m.update(distillation_gap(heads["part"], heads["master"], temperature))
-    m["num_test"] = float(len(labels))
-    m["num_classes"] = float(next(iter(heads.values())).shape[1])
+    m["num_test"] = float(len(labels))  # what the numbers are over: it moves with the data
     return m
 
 
@@ -262,18 +283,34 @@ def check_run(run_id: str) -> None:
 
 
 def evaluate(cfg: Config, data_dir: str | os.PathLike[str], model: str, out_dir: str | os.PathLike[str],
-             run_id: str | None = None) -> EvaluateResult:
+             run_id: str | None = None, run_json: str | os.PathLike[str] | None = None) -> EvaluateResult:
     """Evaluate `model` (a model.pt path or URI, or an MLflow model URI) on the test split of
-    `data_dir`; write the outputs to `out_dir` (replaced whole, atomically) and log them to `run_id`
-    (default: the run that logged an MLflow model)."""
+    `data_dir`; write the outputs to `out_dir` (replaced whole, atomically; held against a second
+    run meanwhile) and log them to `run_id`, else the run of `run_json` (train's run.json, whose
+    model must be `model`: `tasn.io.check_same_model`), else the run that logged an MLflow model."""
     check(cfg)
     check_apart(data_dir, out_dir, DataError, "--out")  # the output replaces its folder whole
     if not (tracking.is_mlflow_uri(model) or storage.is_s3(model)):
         check_apart(model, out_dir, DataError, "--out")
+    recorded = None
+    if run_json is not None:
+        recorded = read_json(run_json, "--run-json")
+        run_id = run_id or tracking.RunInfo.read(run_json, "--run-json").run_id
+    with output_lock(out_dir):
+        if recorded is not None and "://" not in model and Path(model).is_file():  # before any server is asked
+            check_same_model((file_sha256(model), f"--model {model}"),
+                             (recorded.get(MODEL_SHA256), f"--run-json {run_json}"), DataError)
+        return _evaluate(cfg, data_dir, model, Path(out_dir), run_id, recorded)
+
+
+def _evaluate(cfg: Config, data_dir: str | os.PathLike[str], model: str, out: Path, run_id: str | None,
+              recorded: dict[str, Any] | None) -> EvaluateResult:
     e = cfg.evaluate
     if run_id or tracking.is_mlflow_uri(model):
         tracking.setup(cfg.tracking)
     loaded = load(model, cfg)
+    if recorded is not None:  # an MLflow or s3:// model: its digest is known once it is read
+        check_same_model((loaded.sha256, f"--model {model}"), (recorded.get(MODEL_SHA256), "--run-json"), DataError)
     predictor = loaded.predictor
     run_id = run_id or loaded.run_id
     if run_id:
@@ -290,9 +327,9 @@ def evaluate(cfg: Config, data_dir: str | os.PathLike[str], model: str, out_dir:
     classes = list(ds.classes)
     conf = confusion_matrix(pred, labels, len(classes))
     title = f"{type(net).__name__} ({primary})\ntop-1 {metrics['top1']:.1%} on {len(labels)} test images"
-    out = Path(out_dir)
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / METRICS, metrics)
+        atomic_write_json(tmp / EVALUATED, {"model": redact_text(model), MODEL_SHA256: loaded.sha256, "run_id": run_id})
         atomic_write_text(tmp / PER_CLASS, per_class_csv(conf, classes))
         atomic_write_text(tmp / CONFUSION_CSV, confusion_csv(pred, labels, classes))
         viz.save_figure(viz.confusion_figure(conf, classes, title), tmp / CONFUSION_PNG)

@@ -1,6 +1,7 @@
 """Stage files: atomic writes (a killed stage leaves either the old output or the new one, never
-half of one), the sweep of what killed runs left behind, and reading text and JSON another stage or
-a person wrote, with errors that name the file.
+half of one), the sweep of what killed runs left behind, the lock that keeps two runs out of one
+output, and reading text and JSON another stage or a person wrote, with errors that name the file.
+An OSError that names no file (a full disk, a quota) is re-raised naming the output it hit.
 
 Temporaries. Everything is first written beside its target as `.<name>.<12 hex>.tmp` (a file or a
 directory) and locked with flock(2) by the process writing it for as long as it writes. SIGKILL
@@ -21,12 +22,14 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -130,11 +133,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
                 fh.flush()
                 os.fsync(fd)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            renamed = named(exc, path)
+            if renamed is not exc:
+                raise renamed from None
             raise
     return path
+
+
+def named(exc: BaseException, path: str | os.PathLike[str]) -> BaseException:
+    """An OSError that names no file (a full disk, a quota, an I/O error say only what, not where)
+    as the same error naming `path`; anything else unchanged."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        return OSError(exc.errno, exc.strerror, str(path))
+    return exc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -220,31 +234,76 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     with _held_temp(path, _make_dir) as (tmp, _fd):
         try:
             yield tmp
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            renamed = named(exc, path)
+            if renamed is not exc:
+                raise renamed from None
             raise
         _install(tmp, path)
 
 
-def path_problem(base: str | os.PathLike[str], rel: str) -> str | None:
-    """Why `base / rel` would not name a file inside `base`, or None when it does.
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike[str], what: str = "--out") -> Iterator[None]:
+    """Hold the output `path` for the block: a second run aimed at it refuses at once, naming the
+    first (its pid, host, command and start time), instead of one result silently replacing the
+    other. flock(2) on `.<name>.lock` beside it, so the kernel drops the lock when its holder dies
+    (a killed run never blocks the next); the file goes when the holder is done."""
+    path = Path(path)
+    _output_dir(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise TASNError(f"{path}: {what} is being written by {holder}; wait for it to finish, "
+                            "or write to another folder") from None
+        except OSError:  # a filesystem without locks: nothing to hold
+            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # the file we locked is the one under the name (not one a finished holder removed)
+        os.close(fd)
+    try:
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]])
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command}, since {started})".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
 
-    `rel` comes from a file someone else wrote (a table, a manifest), so it must be a plain relative
-    '/'-separated path: not absolute, no '..' (or '.', or empty) part, no control character, and no
-    symbolic link on the way that leads out of `base`. Every path read from such a file is checked
-    here before it is opened, so a crafted line can neither read nor write outside the tree.
-    """
-    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
-        return f"path {rel!r} holds a control character"
-    if rel.startswith("/"):
-        return f"path {rel!r} is absolute; paths are relative to {base}"
-    if any(part in ("", ".", "..") for part in rel.split("/")):
-        return f"path {rel!r} has an empty, '.' or '..' part; paths stay inside {base}"
-    root = Path(base).resolve()
-    real = (root / rel).resolve()
-    if not real.is_relative_to(root):
-        return f"path {rel!r} leads out of {base} through a symbolic link (to {real})"
-    return None
+
+MODEL_SHA256 = "model_sha256"  # the key under which train's metrics.json and run.json record their model's file_sha256
+EVALUATED = "evaluated.json"  # beside evaluate's metrics.json: the model measured and its MODEL_SHA256
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (a model file may be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_model(first: tuple[str | None, str], second: tuple[str | None, str],
+                     error: type[TASNError] = TASNError) -> None:
+    """Refuse two accounts of a model, each (its sha256, what says so), that are of different model
+    files, naming both; one without a digest (written by an older tasn) passes with a warning."""
+    (a, a_what), (b, b_what) = first, second
+    if a is None or b is None:
+        log.warning("cannot check that %s and %s are of the same model: %s records no %s", a_what, b_what,
+                    a_what if a is None else b_what, MODEL_SHA256)
+    elif a != b:
+        raise error(f"{a_what} is of model sha256 {a[:16]}..., but {b_what} is of model sha256 {b[:16]}...: "
+                    "the model and the record come from different trainings (a killed or concurrent run?); "
+                    "train or evaluate again so that they agree")
 
 
 def _looks_like(raw: bytes) -> tuple[str, str]:

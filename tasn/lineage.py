@@ -4,6 +4,8 @@
   image's build arg, infra/docker), else None. Pods have no `.git`: without the image's value
   every cluster model would be registered with an unknown commit.
 - `TASN_KFP_RUN_ID`: the Kubeflow Pipelines run a stage runs in, set by the pipeline's components.
+- `cpu_model()`: the machine, which the numbers of a run depend on too (README, "Same seed, same
+  result").
 - `data_version(uri)`: a local dataset folder's DVC md5 (computed the way `dvc add` does, so it is
   the `md5: ....dir` that `data.dvc` records for the same files, and it follows the data rather
   than a `.dvc` file that may have gone stale), an `s3://` prefix's digest of its object listing
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -34,6 +37,18 @@ KFP_RUN_TAG = "kfp.run_id"
 LISTING_PREFIX = "s3-listing-sha256:"  # marks a version that is a listing digest, not a content hash
 DATA_VERSION_KEY = "data_version"  # the key in preprocess's summary.json
 _CHUNK = 1 << 20
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what `platform` knows): with the thread
+    count and the kernels torch picks for it, what a run's numbers depend on besides its seed."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def git_commit(cwd: str | os.PathLike[str] = ".") -> str | None:

@@ -30,8 +30,11 @@ from PIL import Image
 from tasn import tracking
 from tasn.checkpoint import load_model
 from tasn.config import TrackingConfig
+from tasn.config.schema import DEFAULT_MAX_PIXELS
+from tasn.data.images import decode, to_rgb
 from tasn.data.transforms import eval_transform
 from tasn.errors import DataError, TASNError
+from tasn.io import file_sha256
 from tasn.model.network import Network
 
 WEIGHTS = "weights"  # the MLflow model's artifact holding model.pt (tasn.serving logs it)
@@ -40,7 +43,11 @@ ImageInput = str | os.PathLike[str] | Image.Image
 
 class Predictor(nn.Module):
     """Trained network + class names + preprocessing constants (+ the resolved config it was
-    trained with, when it came from a model file)."""
+    trained with, when it came from a model file).
+
+    `max_pixels` bounds what it decodes: the model's `preprocess.max_pixels` (the limit its
+    training images were held to), else the default; an image whose header claims more is refused
+    before a pixel is decoded (a 164 KB PNG can claim 169 Mpx, 700 MB decoded)."""
 
     def __init__(self, model: Network, classes: list[str], input_size: int, resize: int | None,
                  config: dict[str, Any] | None = None):
@@ -51,27 +58,24 @@ class Predictor(nn.Module):
         self.resize = int(resize) if resize else None
         self.primary_head = model.primary_head
         self.config = config
+        self.max_pixels = int(((config or {}).get("preprocess") or {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(n, 3, input_size, input_size) normalised -> (n, classes) primary-head logits."""
         return getattr(self.model(x), self.primary_head)
 
+    def image(self, item: ImageInput, data: bytes | None = None) -> Image.Image:
+        """An image file (or `data`, the bytes of one, that `item` names) decoded within
+        `max_pixels` as 8-bit RGB the way preprocess does it; a DataError says why it cannot be."""
+        if isinstance(item, Image.Image):
+            return to_rgb(item)
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"predict: expected an image path or a PIL image, got {type(item).__name__}")
+        return to_rgb(decode(item, self.max_pixels, limit_key="the model's preprocess.max_pixels", data=data))
+
     def preprocess(self, images: Iterable[ImageInput]) -> torch.Tensor:
         transform = eval_transform(self.input_size, self.resize)
-        batch = []
-        for item in images:
-            if isinstance(item, (str, os.PathLike)):
-                path = Path(item)
-                if not path.is_file():
-                    raise FileNotFoundError(f"predict: no image file at {path}")
-                with Image.open(path) as img:
-                    item = img.convert("RGB")
-            elif isinstance(item, Image.Image):
-                item = item.convert("RGB")
-            else:
-                raise TypeError(f"predict: expected an image path or a PIL image, got {type(item).__name__}")
-            batch.append(transform(item))
-        return torch.stack(batch)
+        return torch.stack([transform(self.image(item)) for item in images])
 
     @torch.inference_mode()
     def predict(self, images: Iterable[ImageInput], topk: int = 5, batch_size: int = 16) -> list[dict[str, Any]]:
@@ -105,6 +109,7 @@ class LoadedModel:
     predictor: Predictor
     model_id: str | None  # the LoggedModel (models:/<model_id>)
     run_id: str | None  # the run that logged it
+    sha256: str | None = None  # of its weights (the run's model.pt)
 
 
 def load_predictor(model_uri: str) -> LoadedModel:
@@ -121,27 +126,23 @@ def load_predictor(model_uri: str) -> LoadedModel:
         if WEIGHTS not in artifacts:
             raise TASNError(f"{model_uri} is not a tasn model: its pyfunc has no {WEIGHTS!r} artifact "
                             "(a model logged by an older tasn train: train it again)")
-        predictor = from_checkpoint(repo.download_artifacts(artifacts[WEIGHTS]["path"], dst_path=tmp))
-    return LoadedModel(predictor, mlmodel.model_id, mlmodel.run_id)
+        weights = repo.download_artifacts(artifacts[WEIGHTS]["path"], dst_path=tmp)
+        predictor, digest = from_checkpoint(weights), file_sha256(weights)
+    return LoadedModel(predictor, mlmodel.model_id, mlmodel.run_id, digest)
 
 
-def check_image(path: str | os.PathLike[str]) -> None:
-    """A missing, unreadable or non-image file is named before any model is loaded."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such image file")
-    try:
-        with Image.open(p) as img:
-            img.load()
-    except Exception as exc:  # PIL raises several types for broken files
-        raise DataError(f"{p}: not a readable image ({exc})") from exc
+def check_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """A missing, unreadable, oversized or non-image file is named before any model is loaded."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such image file")
+    decode(path, max_pixels, limit_key="max_pixels")
 
 
 def predict_files(model_uri: str, images: Sequence[str], topk: int, cfg: TrackingConfig) -> list[dict[str, Any]]:
     """`tasn predict`: the top-k classes of raw image files with a logged model (models:/NAME@ALIAS,
     runs:/ID/model, ...) or a `model.pt`; every image is checked before the model is loaded."""
     for path in images:
-        check_image(path)
+        check_image(path)  # the default limit here; the model's own (`Predictor.max_pixels`) once loaded
     try:
         if tracking.is_mlflow_uri(model_uri):
             tracking.setup(cfg)
@@ -152,7 +153,4 @@ def predict_files(model_uri: str, images: Sequence[str], topk: int, cfg: Trackin
         raise
     except Exception as exc:  # MLflow and storage raise many kinds for a wrong URI: name the URI
         raise TASNError(f"--model {model_uri}: cannot load the model ({exc})") from exc
-    try:
-        return predictor.predict(images, topk=topk)
-    except OSError as exc:
-        raise DataError(f"cannot read an image: {exc}") from exc
+    return predictor.predict(images, topk=topk)

@@ -85,6 +85,20 @@ def redact_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def redact_tree(value: Any, name: str = "") -> Any:
+    """`value` (nested dicts, lists and scalars, e.g. a config as a dict) with every string
+    through `_redact_value` under its key's name: what a file that records a config holds (model.pt,
+    a checkpoint), so that a `tracking.uri` or `s3_endpoint` with credentials in it is written as
+    `scheme://***@host`. Values that need no change keep their type and identity."""
+    if isinstance(value, Mapping):
+        return {k: redact_tree(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_tree(v, name) for v in value)
+    if isinstance(value, str):
+        return _redact_value(name, value)
+    return value
+
+
 def redact_argv(argv: Sequence[str]) -> list[str]:
     """An argv fit to print: `-S key=value` (also `--set key=value`, `--set=key=value`,
     `-Skey=value`) whose key is secret-named or whose value is a known secret -> `key=***`; the

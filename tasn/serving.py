@@ -10,10 +10,12 @@ environment, so `mlflow models serve -m models:/tasn@staging` runs outside this 
 
 Input: a DataFrame, one row per image, with a column `image` (the image file's bytes; in JSON they
 are base64, which MLflow's scoring server decodes for a binary column, and base64 text is decoded
-here too) or `path` (an image file the server can read). Output, one row per image: `class_id`,
-`class_name`, `prob`, and the top k (param `topk`, default 5) as lists `topk_class_ids`,
-`topk_class_names`, `topk_probs`. The preprocessing is `Predictor.predict`'s, the same as
-`tasn evaluate`'s.
+here too) or `path` (a relative path under the folder $TASN_SERVE_IMAGE_ROOT names; a server
+without it reads no path at all). Output, one row per image: `class_id`, `class_name`, `prob`, and
+the top k (param `topk`, default 5) as lists `topk_class_ids`, `topk_class_names`, `topk_probs`.
+The preprocessing is `Predictor.predict`'s, the same as `tasn evaluate`'s, and no image is decoded
+past the model's pixel limit (`Predictor.max_pixels`). A bad request is answered with a JSON
+message naming the row and the problem, never a stack trace (`tasn/pyfunc_model.py`).
 
 `tasn predict` and `tasn evaluate` load such a model with `tasn.predict.load_predictor`, which
 reads the weights artifact with the same loader and never runs code that came from the registry.
@@ -30,6 +32,7 @@ import base64
 import binascii
 import importlib.metadata
 import io
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,11 +41,13 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from tasn.errors import DataError
+from tasn.errors import DataError, shown
+from tasn.paths import path_problem
 from tasn.predict import WEIGHTS, Predictor
 
 IMAGE = "image"  # input column: image file bytes (base64 in JSON)
-PATH = "path"  # input column: an image file on the serving machine
+PATH = "path"  # input column: an image file under the server's image folder (IMAGE_ROOT_ENV)
+IMAGE_ROOT_ENV = "TASN_SERVE_IMAGE_ROOT"  # the one folder whose images a server may read by `path` (unset: none)
 DEFAULT_TOPK = 5
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE = Path(__file__).parent
@@ -52,31 +57,41 @@ SERVING_DISTRIBUTIONS = ("mlflow", "numpy", "pandas", "pillow", "pyyaml", "torch
 
 # -- the pyfunc's behaviour (plain functions: tests call them without MLflow) ------------------
 
-def _image(value: Any, row: int) -> Image.Image:
+def _bytes(value: Any, row: int) -> bytes:
     if isinstance(value, str):
         try:
-            value = base64.b64decode(value, validate=False)
+            return base64.b64decode(value, validate=False)
         except (binascii.Error, ValueError) as exc:
             raise DataError(f"row {row}: column {IMAGE!r} is text but not base64 ({exc})") from exc
-    try:
-        with Image.open(io.BytesIO(bytes(value))) as img:
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises several types for bytes that are not an image
-        raise DataError(f"row {row}: column {IMAGE!r} is not a readable image ({exc})") from exc
+    return bytes(value)
 
 
-def images_from_frame(frame: pd.DataFrame) -> list[Image.Image | str]:
-    """Each row's image: its `image` bytes decoded, else its `path`; a row with neither is named."""
+def _served_path(value: str, row: int) -> Path:
+    """The file a `path` cell names, which must lie under the folder $TASN_SERVE_IMAGE_ROOT names
+    (`tasn.paths.path_problem`); one answer for every refusal, so a client learns nothing about
+    files outside that folder, not even whether they exist."""
+    root = os.environ.get(IMAGE_ROOT_ENV)
+    if not root:
+        raise DataError(f"row {row}: column {PATH!r} is not served here: send the image's bytes in {IMAGE!r} "
+                        f"(a server reads paths only under the folder its {IMAGE_ROOT_ENV} names)")
+    if path_problem(root, value) is not None or not (Path(root) / value).is_file():
+        raise DataError(f"row {row}: {shown(value)} is not an image file under the server's image folder")
+    return Path(root) / value
+
+
+def images_from_frame(frame: pd.DataFrame, predictor: Predictor) -> list[Image.Image]:
+    """Each row's image, decoded within the model's pixel limit (`Predictor.image`): its `image`
+    bytes, else its `path` (`_served_path`); a row with neither is named."""
     if IMAGE not in frame and PATH not in frame:
         raise DataError(f"input needs a column {IMAGE!r} (image bytes, base64 in JSON) or {PATH!r} "
-                        f"(an image file); got columns {list(frame.columns)}")
-    out: list[Image.Image | str] = []
+                        f"(an image file); got columns {shown(list(frame.columns))}")
+    out: list[Image.Image] = []
     for row, record in enumerate(frame.to_dict(orient="records")):
         data, path = record.get(IMAGE), record.get(PATH)
         if data is not None and not (isinstance(data, float) and pd.isna(data)):
-            out.append(_image(data, row))
+            out.append(predictor.image(f"row {row}: column {IMAGE!r}", data=_bytes(data, row)))
         elif isinstance(path, str) and path:
-            out.append(path)
+            out.append(predictor.image(_served_path(path, row)))
         else:
             raise DataError(f"row {row}: neither {IMAGE!r} nor {PATH!r} is set")
     return out
@@ -84,10 +99,7 @@ def images_from_frame(frame: pd.DataFrame) -> list[Image.Image | str]:
 
 def predict_frame(predictor: Predictor, frame: pd.DataFrame, topk: int = DEFAULT_TOPK) -> pd.DataFrame:
     """The pyfunc's predict: one output row per input row (see the module docstring)."""
-    try:
-        results = predictor.predict(images_from_frame(frame), topk=topk)
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"cannot read an image: {exc}") from exc
+    results = predictor.predict(images_from_frame(frame, predictor), topk=topk)
     return pd.DataFrame([{
         "class_id": r["class_id"], "class_name": r["class_name"], "prob": r["prob"],
         "topk_class_ids": [t["class_id"] for t in r["topk"]],
@@ -138,8 +150,10 @@ def copy_package(dest: Path) -> Path:
 def log_model(weights: str | Path, predictor: Predictor, name: str = "model", step: int = 0) -> Any:
     """Log the pyfunc to the active MLflow run; returns MLflow's ModelInfo (`.model_uri` is
     models:/<model_id>). `weights` is the run's model.pt; `predictor` the same network in memory
-    (its class names and sizes become the model's metadata); `step` the optimizer step it is the
-    model of (MLflow links the run's metrics of that step to it)."""
+    (its class names and sizes become the model's metadata); `name` the LoggedModel's name (`tasn
+    train` gives it the registered model's, `register.model_name`, so the run's model and its
+    registered versions read alike in the UI); `step` the optimizer step it is the model of
+    (MLflow links the run's metrics of that step to it)."""
     import mlflow
 
     frame = pd.DataFrame({IMAGE: [example_jpeg(predictor.resize or predictor.input_size)]})

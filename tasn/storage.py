@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tasn.errors import ConfigError, DataError, ServiceError
 from tasn.io import atomic_write_bytes
+from tasn.paths import link_problem, rel_problem
 
 S3_PREFIX = "s3://"
 
@@ -152,9 +153,10 @@ def copy_tree(src: str, dest: str) -> int:
     """Copy every file under a local directory or S3 prefix to a local directory or S3 prefix;
     returns the file count. (The multi-node launcher's data download, model upload and fetch.)
 
-    An object key is whatever whoever wrote the bucket chose: one naming a `..` segment, starting
-    with `/` below the prefix, or landing outside `dest` on disk (through a symlink already there)
-    is a DataError naming it, raised before anything is written. Folder markers (keys ending in
+    An object key is whatever whoever wrote the bucket chose: one that is not a plain relative path
+    below the prefix (`tasn.paths.rel_problem`: a `..` or empty segment, a leading `/`, a control
+    character) or lands outside `dest` on disk (through a symlink already there) is a DataError
+    naming it, raised before anything is written. Folder markers (keys ending in
     `/`) are not files and are skipped."""
     src = str(src).rstrip("/")
     if is_s3(src):
@@ -170,16 +172,9 @@ def copy_tree(src: str, dest: str) -> int:
 
 
 def _contained(src: str, dest: str, rel: str) -> str:
-    """`dest`/`rel`, when that stays inside `dest`."""
-    why = ""
-    if rel.startswith("/"):
-        why = "starts with '/'"
-    elif ".." in rel.split("/"):
-        why = "has a '..' segment"
-    elif not is_s3(dest):
-        root = Path(dest).resolve()
-        if not (root / rel).resolve().is_relative_to(root):
-            why = f"resolves to {(root / rel).resolve()}"
-    if why:
-        raise DataError(f"{join(src, rel)}: key {rel!r} {why}, outside the destination {dest}; nothing was copied")
+    """`dest`/`rel`, when that stays inside `dest` (`tasn.paths.rel_problem`; on disk also
+    `tasn.paths.link_problem`)."""
+    problem = rel_problem(rel) or (None if is_s3(dest) else link_problem(dest, rel))
+    if problem:
+        raise DataError(f"{join(src, rel)}: key {problem}, outside the destination {dest}; nothing was copied")
     return join(dest, rel)

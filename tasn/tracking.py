@@ -12,11 +12,14 @@ What a run says about itself: a name that tells it apart in the runs table (`run
 experiment's name, else kind-backbone-out size-suffix), the context it ran in as tags
 (`context_tags`: the Kubeflow run id, the DVC experiment), its code as MLflow's own
 `mlflow.source.git.commit`, and its data as an MLflow dataset input (`Run.log_dataset`) whose digest
-is the data version, so the UI shows which data each run used.
+is the data version, so the UI shows which data each run used. Its experiment is marked as one of
+model training (`mark_training_experiment`), and `runs_page` is the UI address that opens on its
+runs table.
 
-During the run every MLflow call goes through `Run`, which retries with backoff and, if the server
-stays away, logs a warning and carries on: losing a metric point is better than losing a week of
-GPU time.
+During the run every MLflow call goes through `Run` (`Outage`): MLflow's own client retries what a
+retry can mend, within bounds the config sets (`http_settings`: `tracking.request_timeout`,
+`tracking.request_retries`); a refusal is not retried, and a server that stays away is logged once
+and left alone for a while: losing metric points is better than losing a week of GPU time.
 
 Credentials: the MLflow client reads MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (basic
 auth, as the cluster's server wants) or MLFLOW_TRACKING_TOKEN; the connection check sends the same.
@@ -65,6 +68,13 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI links it; se
 DATA_VERSION_TAG = "data.version"
 DIGEST_LEN = 36  # MLflow's dataset digest column holds 36 characters: an md5 + ".dir" fits exactly
 UNVERSIONED = (None, "", "untracked", "unknown")
+# MLflow 3's experiment kind: training runs of a model, not a GenAI app's traces. MLflow 3.17's UI
+# chooses an experiment's pages by its own "GenAI | Model training" switch instead (the URL's
+# `workflowType`, else the browser's last choice, else GenAI): `runs_page` is the address that opens
+# on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW = "machine_learning"  # the switch's "Model training" (mlflow/server/js: workflowType)
 
 
 def _mlflow() -> ModuleType:
@@ -196,6 +206,7 @@ def setup(cfg: TrackingConfig, run_uri: str | None = None) -> str:
         cfg.uri = split_userinfo(cfg.uri)[0]
         if "MLFLOW_TRACKING_URI" in os.environ:
             os.environ["MLFLOW_TRACKING_URI"] = split_userinfo(os.environ["MLFLOW_TRACKING_URI"])[0]
+    http_settings(cfg)
     check_reachable(uri)
     if cfg.s3_endpoint:
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.s3_endpoint
@@ -204,13 +215,35 @@ def setup(cfg: TrackingConfig, run_uri: str | None = None) -> str:
 
 
 def experiment_id(name: str, uri: str) -> str:
-    """The experiment's id, created if needed; a local sqlite store keeps artifacts in ./mlruns."""
+    """The experiment's id, created if needed (a local sqlite store keeps artifacts in ./mlruns),
+    and marked as one of training runs (`mark_training_experiment`)."""
     mlflow = _mlflow()
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return str(exp.experiment_id)
-    location = local_artifact_root() if uri.startswith("sqlite:") else None
-    return str(mlflow.create_experiment(name, artifact_location=location))
+    if exp is None:
+        location = local_artifact_root() if uri.startswith("sqlite:") else None
+        tags = {EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+        return str(mlflow.create_experiment(name, artifact_location=location, tags=tags))
+    mark_training_experiment(exp)
+    return str(exp.experiment_id)
+
+
+def mark_training_experiment(exp: Any) -> None:
+    """Tag an experiment made elsewhere (older tasn, `mlflow experiments create`) as one of model
+    training runs, unless someone chose its kind already (MLflow's own record of what an
+    experiment is; see UI_WORKFLOW for what its 3.17 UI reads)."""
+    if EXPERIMENT_KIND_TAG in (exp.tags or {}):
+        return
+    try:
+        _mlflow().MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    except Exception as exc:  # an account that may log runs but not edit the experiment: a view, not a failure
+        log.info("MLflow: experiment %s keeps no kind (%s); its UI opens on the GenAI overview", exp.name, exc)
+
+
+def runs_page(experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The address of an experiment's runs table in the MLflow UI at `ui` (what `mlflow ui`
+    serves by default), in its "Model training" mode: a plain experiment address opens on the
+    GenAI overview in MLflow 3.17, whatever the experiment's kind."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?workflowType={UI_WORKFLOW}"
 
 
 # -- what -----------------------------------------------------------------------------------
@@ -263,19 +296,63 @@ def system_metrics_wanted(enabled: bool) -> bool:
 
 # -- a run that survives a flaky server ------------------------------------------------------
 
-def retry(fn: Callable[[], Any], what: str, attempts: int = 4, delay: float = 2.0) -> Any:
-    """Call fn; on failure wait (2, 4, 8 s...) and try again; after the last failure log a
-    warning and return None instead of raising."""
-    for attempt in range(1, attempts + 1):
+# MLflow's own HTTP retry settings (its client reads them on every request), given for this process
+# by `http_settings` unless the environment sets them itself. With the defaults (timeout 20 s,
+# 3 retries, backoff 1-2-4 s) a call to a server that is down costs at most ~90 s (one that refuses
+# connections ~10 s), instead of MLflow's own ~4 min per attempt of tasn's, x4.
+HTTP_ENV = {"timeout": "MLFLOW_HTTP_REQUEST_TIMEOUT", "retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+            "backoff": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"}
+HTTP_BACKOFF = 1  # MLflow's default is 2: waits of 2-4-8-... s
+OUTAGE_PAUSE_S = 300.0  # after a remote server failed a call, the run's calls are skipped this long
+_http_set_here: dict[str, str] = {}  # what http_settings put in os.environ (the rest is the user's)
+
+
+def http_settings(cfg: TrackingConfig) -> dict[str, str]:
+    """Point MLflow's HTTP client at `tracking.request_timeout` / `tracking.request_retries` (and
+    HTTP_BACKOFF) for this process; a variable the environment set itself wins. Returns them."""
+    wanted = {"timeout": str(cfg.request_timeout), "retries": str(cfg.request_retries), "backoff": str(HTTP_BACKOFF)}
+    for key, name in HTTP_ENV.items():
+        if name not in os.environ or os.environ[name] == _http_set_here.get(name):
+            os.environ[name] = _http_set_here[name] = wanted[key]
+    return {name: os.environ[name] for name in HTTP_ENV.values()}
+
+
+def permanent(exc: BaseException) -> bool:
+    """An MLflow answer that no retry changes: a 4xx other than 429 (bad request, not found, not
+    allowed), as opposed to a server that is down, overloaded or unreachable."""
+    status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else None
+    return isinstance(status, int) and 400 <= status < 500 and status != 429
+
+
+class Outage:
+    """The calls a run makes to MLflow, so that a server that refuses a call or goes away never
+    stops or stalls training: each call is made once (MLflow's client retries what a retry can
+    mend, within `http_settings`); a refusal (`permanent`) is logged and the run goes on; a remote
+    server that failed a call is left alone for OUTAGE_PAUSE_S, its calls skipped with one warning
+    (their metrics are lost; the checkpoints and output files are not), then tried again."""
+
+    def __init__(self, remote: bool):
+        self.remote = remote
+        self.until = 0.0  # monotonic time before which calls are skipped
+
+    def call(self, fn: Callable[[], Any], what: str, always: bool = False) -> Any:
+        """`fn()`, or None when it failed or the server is being left alone (unless `always`: the
+        call that ends the run is made whatever, so the process never keeps a run open)."""
+        if time.monotonic() < self.until and not always:
+            return None
         try:
             return fn()
-        except Exception as exc:  # any client or server error is transient from here
-            if attempt == attempts:
-                log.warning("MLflow: giving up on %s after %d attempts: %s", what, attempts, exc)
-                return None
-            log.info("MLflow: %s failed (%s); retrying in %.0f s", what, exc, delay * 2 ** (attempt - 1))
-            time.sleep(delay * 2 ** (attempt - 1))
-    return None
+        except Exception as exc:  # the run goes on whatever MLflow says
+            message = redact_text(str(getattr(exc, "message", exc)))[:500]
+            if permanent(exc):
+                log.warning("MLflow refused %s (%s); not retried, the run goes on", what, message)
+            elif self.remote:
+                self.until = time.monotonic() + OUTAGE_PAUSE_S
+                log.warning("MLflow: %s failed (%s); the run goes on without MLflow for %.0f s (nothing is "
+                            "logged to it meanwhile), then tries again", what, message, OUTAGE_PAUSE_S)
+            else:
+                log.warning("MLflow: %s failed (%s); the run goes on", what, message)
+            return None
 
 
 class Run:
@@ -287,10 +364,10 @@ class Run:
     """
 
     def __init__(self, cfg: TrackingConfig, tags: dict[str, Any], run_id: str | None = None,
-                 run_name: str | None = None, retry_delay: float = 2.0):
+                 run_name: str | None = None):
         self.mlflow = _mlflow()
         self.uri = split_userinfo(setup(cfg))[0]  # what run.json records: a store's URI without credentials
-        self.retry_delay = retry_delay
+        self.outage = Outage(remote=self.uri.startswith(("http://", "https://")))
         self.experiment_id = experiment_id(cfg.experiment, self.uri)
         system = system_metrics_wanted(cfg.system_metrics)
         active = None
@@ -312,7 +389,7 @@ class Run:
         return {k: v for k, v in scrub(tags).items() if v is not None}
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        return retry(fn, what, delay=self.retry_delay)
+        return self.outage.call(fn, what)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._call("log_params", lambda: self.mlflow.log_params(scrub(params)))
@@ -339,4 +416,4 @@ class Run:
         return self._call("log_model", log_fn)
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call("end_run", lambda: self.mlflow.end_run(status=status))
+        self.outage.call(lambda: self.mlflow.end_run(status=status), "end_run", always=True)

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
+from fixtures.models import baseline_model
 from tasn import storage
 from tasn.cli import main
 from tasn.config import ConfigError
@@ -32,6 +34,7 @@ from tasn.data.importers import import_folder
 from tasn.data.layout import read_layout
 from tasn.data.preprocess import MANIFEST, SHARDS
 from tasn.errors import DataError
+from tasn.io import output_lock
 from test_data_support import jpeg_bytes, noise_image, tree_with_outputs
 
 PARAMS = "validate: {min_side: 32, workers: 1}\npreprocess: {size: 64, workers: 1}\nmodel: {input_size: 48}\n"
@@ -100,6 +103,7 @@ def refuses(capsys, root: Path, argv: list[str], says: tuple[str, ...], may_writ
     assert err.count(f"tasn {command}: error: ") == 1, err
     for text in says:
         assert text in err, f"{text!r} not in:\n{err}"
+    assert "secret line" not in err and len(err) < 3000, err  # no other file quoted, no value shown whole
     assert keep(snapshot(root)) == keep(before), "something outside the stage's destination changed"
     return err
 
@@ -154,6 +158,26 @@ def stray_symlink_out() -> None:
     (Path("raw/images") / rel(2)).with_name("stray.jpg").symlink_to(Path("outside.jpg").resolve())
 
 
+def symlink_loop() -> None:
+    target = Path("raw/images") / rel(2)
+    target.unlink()
+    target.symlink_to(target.name)  # a link to itself: resolving it never ends
+
+
+def non_utf8_name() -> None:
+    """A stray image whose name is not UTF-8 (written on a Latin-1 system): no table can list it."""
+    listed = Path("raw/images") / rel(2)
+    (Path(os.fsdecode(os.fsencode(listed.parent) + b"/caf\xe9.jpg"))).write_bytes(listed.read_bytes())
+
+
+def table_linked_out() -> None:
+    """images.txt a link to a file outside the dataset that does not parse: its lines must not be
+    read, let alone quoted in the error."""
+    Path("outside.txt").write_text("1 001.Striped_wing_Ringed_eye/a.jpg\nsecret line of another file\n")
+    Path("raw/images.txt").unlink()
+    Path("raw/images.txt").symlink_to(Path("outside.txt").resolve())
+
+
 @dataclass
 class Case:
     breaks: Callable[[], object]
@@ -194,19 +218,23 @@ CASES = {
                                                "different values")),
     # paths that lead out of the tree
     "dotdot_path": Case(lambda: set_line("images.txt", 2, "2 ../../outside.jpg"),
-                        _all("raw/images.txt:2: path '../../outside.jpg' has an empty, '.' or '..' part")),
+                        _all("raw/images.txt:2: path '../../outside.jpg': part '..' is '.' or '..'")),
     "dotdot_inside_path": Case(lambda: set_line("images.txt", 2, "2 001.Striped_wing_Ringed_eye/../../../outside.jpg"),
-                               _all("raw/images.txt:2: path", "'..' part")),
+                               _all("raw/images.txt:2: path", "part '..' is '.' or '..'")),
     "absolute_path": Case(lambda: set_line("images.txt", 2, f"2 {Path('outside.jpg').resolve()}"),
                           _all("raw/images.txt:2: path", "is absolute")),
     "control_character": Case(lambda: set_line("images.txt", 2, "2 001.Striped_wing_Ringed_eye/a\x01.jpg"),
                               _all("raw/images.txt:2: path", "holds a control character")),
     "class_dir_dotdot": Case(lambda: set_line("classes.txt", 1, "1 .."),
-                             _all("raw/classes.txt:1: path '..' has an empty, '.' or '..' part")),
+                             _all("raw/classes.txt:1: path '..': part '..' is '.' or '..'")),
     "listed_symlink_out": Case(symlink_out, _all("raw/images.txt:2: path", "leads out of raw/images through a "
                                                  "symbolic link")),
     "stray_symlink_out": Case(stray_symlink_out, _all("stray.jpg: path", "leads out of raw/images through a "
                                                       "symbolic link")),
+    "symlink_loop": Case(symlink_loop, _all("raw/images.txt:2: path", "goes through a symbolic link loop")),
+    "name_not_utf8": Case(non_utf8_name, _all(r"caf\udce9.jpg", "is not valid UTF-8")),
+    "table_linked_out": Case(table_linked_out, _all("raw/images.txt: path 'images.txt' leads out of raw through a "
+                                                    "symbolic link")),
     # images that break a rule (validate names the rule; preprocess and import refuse what they cannot use)
     "tall_png_40x45000": Case(lambda: image(2, Image.new("RGB", (40, 45000), (9, 9, 9))), {
         "validate": ("[aspect_ratio] images/{2}: 40x45000 px: aspect ratio 1125.0 > validate.max_aspect_ratio (10)",),
@@ -305,6 +333,24 @@ CONFIG_CASES = {
                            "params.yaml:2: duplicate key 'validate' (first at line 1)"),
     "profiles_in_params": ("profiles: [x]\n", "profiles do not live in the params file"),
     "latin1_params": ("tracking: {experiment: caf\xe9}\n".encode("latin-1"), "params.yaml:1: not UTF-8"),
+    # pathological YAML and -S values: bounded, named, never a traceback or an endless message
+    "alias_bomb": ("validate:\n  min_side: [&a [0,0,0,0,0,0,0,0,0,0], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
+                   "&c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], "
+                   "[*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]]\n",
+                   "params.yaml:2: expands to more than 10000 values through anchors and aliases"),
+    "nested_too_deep": ("validate: {min_side: " + "[" * 3000 + "]" * 3000 + "}\n",
+                        "params.yaml: values nested too deeply to read"),
+    "list_as_key": ("validate: {[min_side, workers]: 1}\n", "params.yaml:1: a key must be a name, got ['min_side'"),
+    "integer_past_4300_digits": ("validate: {min_side: " + "9" * 5000 + "}\n", "params.yaml: 'Exceeds the limit"),
+    "override_nested_too_deep": (["-S", "validate.min_side=" + "[" * 3000], "values nested too deeply to read"),
+    "override_empty_part": (["-S", "validate..min_side=3"], "override 'validate..min_side=3': the key must name"),
+    "override_huge_value": (["-S", "validate.min_side=" + "x" * 100_000], "validate.min_side: expected int, got 'xxx"),
+    "profile_is_a_folder": (["--profile", "raw"], "--profile 'raw' is a folder: give a profile's name"),
+    # names MLflow's registry refuses: refused with the key before any stage runs
+    "alias_reserved_version": (["-S", "register.alias=v1"], "register.alias: 'v1' is not an alias MLflow takes"),
+    "alias_reserved_latest": (["-S", "register.alias=Latest"], "register.alias: 'Latest' is not an alias"),
+    "alias_with_space": (["-S", "register.alias=my alias"], "register.alias: 'my alias' is not an alias"),
+    "model_name_with_slash": (["-S", "register.model_name=a/b"], "register.model_name: 'a/b' is not a registered"),
 }
 
 
@@ -369,7 +415,7 @@ def test_a_manifest_cannot_send_a_reader_out_of_its_folder(tree):
     m = pd.read_parquet(f"prep/{MANIFEST}")
     m.loc[0, "shard"] = "../outside.jpg"
     m.to_parquet(f"prep/{MANIFEST}", index=False)
-    with pytest.raises(DataError, match=r"manifest.parquet: shard path '../outside.jpg' has an empty, '.' or '..'"):
+    with pytest.raises(DataError, match=r"manifest.parquet: shard path '../outside.jpg': part '..' is '.' or '..'"):
         PreparedDataset("prep", "train")
 
 
@@ -382,3 +428,124 @@ def test_what_validate_accepts_preprocess_can_write(tree, capsys):
     m = pd.read_parquet(f"prep/{MANIFEST}").set_index("image_id")
     data = Path("prep", m.loc[2, "shard"]).read_bytes()[m.loc[2, "offset"]:][: m.loc[2, "length"]]
     assert Image.open(io.BytesIO(data)).size == (640, 64)  # 400 x 40 -> shorter side 64
+
+
+# Counts given as flags: out of range is a usage error (exit 2, as argparse's own), never a traceback.
+@pytest.mark.parametrize("argv,says", [
+    (["data", "import-cub", "raw", "imported2", "--workers", "-3"], "argument --workers: -3 is out of range 0..512"),
+    (["data", "import-cub", "raw", "imported2", "--max-pixels", "-1"], "argument --max-pixels: -1 is out of range"),
+    (["data", "import-folder", "raw/images", "imported2", "--seed", "-1"], "argument --seed: -1 is out of range"),
+    (["data", "synth", "synth2", "--workers", "-1"], "argument --workers: -1 is out of range"),
+    (["predict", "outside.jpg", "--model", "m.pt", "--topk", "-1"], "argument --topk: -1 is out of range 1..1000"),
+])
+def test_counts_out_of_range_are_usage_errors(argv, says, tree, capsys):
+    before = snapshot(tree)
+    rc, err = tasn(capsys, argv)
+    assert rc == 2 and says in err, err
+    assert snapshot(tree) == before
+
+
+# import-folder: every name DEST gets and every file it reads passes the containment rule
+# (tasn.paths); the imported tree is read back before it replaces DEST.
+def _two_classes(src: Path) -> None:
+    for cls in ("robin", "wren"):
+        (src / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(noise_image(np.random.default_rng(k), 40, 40)).save(src / cls / f"img{k}.png")
+
+
+IMPORT_CASES = {
+    "class_folder_linked_out": (lambda src: (src / "jay").symlink_to(src.parent / "elsewhere"),
+                                "src/jay: path 'jay' leads out of"),
+    "image_linked_out": (lambda src: (src / "wren" / "x.png").symlink_to(src.parent / "elsewhere" / "img0.png"),
+                         "src/wren/x.png: path 'wren/x.png' leads out of"),
+    "image_link_loop": (lambda src: (src / "wren" / "loop.png").symlink_to("loop.png"),
+                        "src/wren/loop.png: path 'wren/loop.png' goes through a symbolic link loop"),
+    "subfolder_linked_out": (lambda src: (src / "wren" / "more").symlink_to(src.parent / "elsewhere"),
+                             "src/wren/more: path 'wren/more' leads out of"),
+    "class_folder_that_is_a_dot": (lambda src: (src / "robin").rename(src / " . "),
+                                   "class folder name ' . ' is '.' or '..'"),
+    "subfolder_that_is_blank": (lambda src: (src / "wren" / "   ").mkdir() or shutil.copy(
+        src / "wren" / "img0.png", src / "wren" / "   " / "img2.png"), "file or folder name '   ' is empty or blank"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPORT_CASES))
+def test_import_folder_refuses_names_and_links_it_cannot_contain(name, tmp_path, capsys):
+    src = tmp_path / "src"
+    _two_classes(src)
+    _two_classes(tmp_path / "elsewhere")
+    breaks, says = IMPORT_CASES[name]
+    breaks(src)
+    refuses(capsys, tmp_path, ["data", "import-folder", str(src), str(tmp_path / "raw"), "--workers", "1"], (says,))
+
+
+# A prepared dataset edited by hand or by an attacker: refused with the file and the row, before
+# any image is read through it (tasn.data.dataset.read_manifest).
+def _manifest(change: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[], None]:
+    def apply() -> None:
+        change(pd.read_parquet(f"prep/{MANIFEST}")).to_parquet(f"prep/{MANIFEST}", index=False)
+    return apply
+
+
+MANIFEST_CASES = {
+    "offset_as_text": (_manifest(lambda m: m.assign(offset=m["offset"].astype(str))),
+                       "manifest.parquet: column 'offset' must hold integers"),
+    "label_out_of_range": (_manifest(lambda m: m.assign(label=m["label"] + 100)),
+                           "manifest.parquet: row 0: label 100 must be 0..3"),
+    "length_past_the_shard": (_manifest(lambda m: m.assign(length=m["length"] * 10_000)),
+                              "but its rows reach byte"),
+    "negative_offset": (_manifest(lambda m: m.assign(offset=-m["length"])), "row 0: offset"),
+    "no_split_column": (_manifest(lambda m: m.drop(columns=["split"])), "manifest.parquet: no column 'split'"),
+    "not_parquet": (lambda: Path(f"prep/{MANIFEST}").write_text("shard,offset\n"), "not a readable manifest"),
+    "classes_not_a_list": (lambda: Path("prep/classes.json").write_text('{"a": 1}'),
+                           "classes.json: expected a non-empty list of class names"),
+}
+TRAIN = ["train", "--params", "params.yaml", "--data", "prep", "--out", "tr", "-S", "tracking.enabled=false",
+         "-S", "train.batch_size=2"]
+
+
+@pytest.mark.parametrize("name", list(MANIFEST_CASES))
+def test_a_tampered_prepared_dataset_is_named(name, tree, capsys):
+    breaks, says = MANIFEST_CASES[name]
+    breaks()
+    refuses(capsys, tree, TRAIN, (says,))
+
+
+# The model file's config passes the checks a params file does (tasn.checkpoint.recorded_config).
+def _model_file(folder: Path, edit: Callable[[dict], None]) -> Path:
+    path, _, _ = baseline_model(folder)
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    torch.save(payload, path)
+    return path
+
+
+MODEL_CASES = {
+    "sampler_iterations_1e8": (lambda p: p["config"]["model"].update(iters=10**8),
+                               "the config recorded in it is not valid: model.iters: must be >= 1 and <= 100"),
+    "unknown_key": (lambda p: p["config"]["model"].update(colour="red"),
+                    "the config recorded in it is not valid: unknown key model.colour"),
+    "weights_of_another_shape": (lambda p: p.update(classes=p["classes"] + ["x", "y"]),
+                                 "its weights do not fit the baseline network its config describes"),
+    "classes_not_names": (lambda p: p.update(classes=[1, 2, 3]), "its classes must be a non-empty list of names"),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_a_model_file_is_checked_like_a_params_file(name, tree, capsys):
+    edit, says = MODEL_CASES[name]
+    model = _model_file(tree / "m", edit)
+    refuses(capsys, tree, ["predict", "outside.jpg", "--model", str(model)], ("m/model.pt", says))
+    refuses(capsys, tree, ["evaluate", "--params", "params.yaml", "--data", "prep", "--model", str(model),
+                           "--out", "ev"], ("m/model.pt", says))
+
+
+def test_train_refuses_a_junk_pretrained_file_a_checkpoint_dir_in_its_data_and_a_busy_out(tree, capsys):
+    Path("junk.pt").write_bytes(os.urandom(3000))
+    refuses(capsys, tree, [*TRAIN, "-S", "model.pretrained=junk.pt"],
+            ("pretrained weights 'junk.pt': not a state dict torch can read",))
+    refuses(capsys, tree, [*TRAIN, "-S", "train.checkpoint_dir=prep/ckpt"],
+            ("prep/ckpt: train.checkpoint_dir must be outside prep",))
+    with output_lock("tr"):  # another `tasn train` is writing tr/
+        refuses(capsys, tree, TRAIN, (f"tr: --out is being written by pid {os.getpid()} on ",))

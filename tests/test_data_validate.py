@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tasn.cli import main
+from tasn.commands.data import validation_brief
 from tasn.data.validate import MANIFEST, REPORT, SUMMARY
 from test_data_support import TINY, noise_image, tiny_synth
 
@@ -38,6 +39,15 @@ def good(tmp_path_factory):
     assert main(["validate", "--params", params, "--data", str(raw), "--report-dir", str(base / "report")]) == 0
     assert main(["preprocess", "--params", params, "--data", str(raw), "--out", str(base / "prep")]) == 0
     return base
+
+
+def test_what_tasn_validate_prints_is_the_counts_and_where_the_details_are(good):
+    """Not ~100 lines of passing rules in every log: the counts, how many rules passed, the files."""
+    summary = json.loads((good / "report" / SUMMARY).read_text())
+    shown = validation_brief(summary, good / "report")
+    assert "rules" not in shown and shown["rules_passed"] == len(summary["rules"]) > 10
+    assert shown["details"] == str(good / "report" / SUMMARY) and shown["report"].endswith("report.html")
+    assert len(json.dumps(shown, indent=2).splitlines()) < 20
 
 
 def test_validate_passes_and_writes_summary_report_and_manifest(good):

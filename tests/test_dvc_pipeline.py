@@ -1,10 +1,12 @@
 """dvc.yaml: the five stages call the real `tasn` commands with flags that parse, declare what the
-commands read and write, declare as code deps exactly the tasn modules each stage imports, keep
-outputs out of DVC's cache, and name the model as a DVC artifact. Then, on a fresh clone of this
-repository: `dvc pull` exits 0, `dvc repro` runs everything for real (smoke settings) with a clean
-`dvc status` after, metrics and plots that DVC can show, an experiment in a temporary copy lands in
-the workspace's MLflow store without moving `@staging`, `dvc exp show` has only the run's real
-parameters, and editing a module a stage imports makes `dvc status` name that stage."""
+commands read and write, declare as code deps exactly the tasn modules each stage imports, cache
+what a run made and commit the small results to Git, and name the model as a DVC artifact. Then, on
+a fresh clone of this repository: a plain `dvc pull` exits 0 and brings the committed run back,
+`dvc repro` runs everything for real (smoke settings) with a clean `dvc status` after, metrics and
+plots that DVC can show, an experiment lands in the workspace's MLflow store without registering or
+moving `@staging`, `dvc checkout` and `dvc exp apply` bring a run back with its model, `dvc
+artifacts get` fetches a tagged version's model, `dvc exp show` has only the run's real parameters
+and metrics, and editing a module a stage imports makes `dvc status` name that stage."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -151,18 +154,29 @@ def test_code_deps_are_the_modules_each_stage_imports(dvc_yaml):
                                     f"deps it does not import {sorted(declared - wanted)}")
 
 
-def test_outputs_stay_out_of_the_cache_and_the_small_results_are_in_git(dvc_yaml):
-    """Nothing dvc.lock names is missing from a fresh clone: no output is cached (so `dvc pull`
-    never looks for it on the remote); the results experiments compare are committed."""
-    produced = []
-    for name, stage in dvc_yaml["stages"].items():
+def test_what_a_run_made_is_cached_the_small_results_are_in_git_and_the_data_is_rebuilt(dvc_yaml):
+    """Every experiment and commit can be brought back (`dvc exp apply`, `dvc checkout`): what a
+    run made is in DVC's cache, the results experiments compare are committed to Git, and only the
+    data rebuilt from data/raw is neither. Nothing is both cached and in Git, and checkpoints are
+    no output (a stage DVC reruns starts afresh: `--resume never`)."""
+    cached, in_git, rebuilt = set(), set(), set()
+    for stage in dvc_yaml["stages"].values():
         for path, options in _entries(stage):
-            assert options.get("cache") is False, f"{name}: {path} would go to DVC's cache (set cache: false)"
-            produced.append(path)
-    assert IN_GIT <= set(produced)
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", *produced], cwd=ROOT, capture_output=True,
-                             text=True).stdout.split()
-    assert set(produced) - set(ignored) == IN_GIT  # everything else is ignored by Git
+            if (options or {}).get("cache", True):
+                cached.add(path)
+            elif path.startswith("outputs/"):
+                in_git.add(path)
+            else:
+                rebuilt.add(path)
+    assert in_git == IN_GIT and rebuilt == {"data/validated", "data/prepared"}
+    assert {f"outputs/train/{outputs.MODEL}", f"outputs/train/{outputs.RUN}",
+            f"outputs/register/{REGISTRATION}"} <= cached
+    ignored = set(subprocess.run(["git", "check-ignore", "--no-index", *cached, *rebuilt, *in_git], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.split())
+    assert ignored == cached | rebuilt  # Git keeps the results, DVC the rest
+    train = dvc_yaml["stages"]["train"]
+    assert not [p for p, _ in _entries(train) if outputs.CHECKPOINTS in p]
+    assert shlex.split(train["cmd"])[-2:] == ["--resume", "never"]
 
 
 def test_the_model_is_a_dvc_artifact(dvc_yaml):
@@ -233,14 +247,15 @@ def test_fresh_clone_pull_repro_experiment_and_status(tmp_path):
                 "GIT_COMMITTER_EMAIL": "t@example.com"})
     git = lambda *a: _run(["git", *a], repo, env)  # noqa: E731
 
-    _dvc(repo, "pull", env=env)  # a plain pull: the sample, and nothing dvc.lock names is missing
-    assert (repo / "data/raw/images.txt").is_file()
+    _dvc(repo, "pull", env=env)  # a plain pull: the sample and the committed run, and nothing is missing
+    assert (repo / "data/raw/images.txt").is_file() and (repo / "outputs/train" / outputs.MODEL).is_file()
 
     # the smoke settings as the top level of params.yaml, on the smoke sample, as a new data version
     quick = ["train.max_steps=1", "train.picture_images=0", "validate.workers=1", "preprocess.workers=1"]
     smoke = load_config(repo / "params.yaml", "smoke", quick).to_dict()
     (repo / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
-    _run([sys.executable, "-m", "tasn.cli", "data", "synth", "data/raw", "--params", "params.yaml"], repo, env)
+    shutil.rmtree(repo / "data/raw")
+    shutil.copytree(repo / smoke["data"]["raw"], repo / "data/raw")
     _dvc(repo, "commit", "-f", "-q", "data.dvc", env=env)
     git("add", "-A")
     git("commit", "-qm", "smoke settings and sample")
@@ -260,25 +275,44 @@ def test_fresh_clone_pull_repro_experiment_and_status(tmp_path):
     git("add", "-A")
     git("commit", "-qm", "first run")
     assert not git("status", "--porcelain").stdout.strip()  # the results that belong in Git are in it
+    first = {name: (repo / name).read_bytes() for name in ("outputs/train/model.pt", "outputs/evaluate/metrics.json")}
 
-    # an experiment: the same MLflow store, a version registered, @staging kept
+    # an experiment: its run in the same MLflow store, no version registered unless asked, @staging kept
     _dvc(repo, "exp", "run", "-n", "smoke-exp", "-S", "train.seed=1", "-S", "evaluate.topk=3", env=env)
     store = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(store, registry_uri=store)
-    assert str(client.get_model_version_by_alias("tasn", "staging").version) == "1"
-    v2 = client.get_model_version("tasn", "2")
-    assert v2.tags[tracking.DVC_EXP_TAG] == "smoke-exp" and "DVC experiment `smoke-exp`" in v2.description
-    exp_run = client.get_run(v2.run_id)
-    assert exp_run.info.run_name == "smoke-exp" and exp_run.data.tags[tracking.DVC_EXP_TAG] == "smoke-exp"
-    runs = client.search_runs([exp_run.info.experiment_id])
-    assert len(runs) == 2 and exp_run.info.run_id in {r.info.run_id for r in runs}  # beside the workspace run
+    name = smoke["register"]["model_name"]
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    assert json.loads((repo / "outputs/register" / REGISTRATION).read_text())["decision"] == "not registered"
+    (exp_run,) = client.search_runs([client.get_experiment_by_name(smoke["tracking"]["experiment"]).experiment_id],
+                                    "attributes.run_name = 'smoke-exp'")
+    assert exp_run.data.tags[tracking.DVC_EXP_TAG] == "smoke-exp"
+    assert "epoch" not in exp_run.data.metrics and "data.synth.classes" not in exp_run.data.params
+    made = {name: (repo / name).read_bytes() for name in first}
+    assert made != first
+
+    # brought back: the commit's run (git checkout + dvc checkout), then the experiment's, model included
+    git("checkout", "--", ".")
+    _dvc(repo, "checkout", "-q", env=env)
+    assert {name: (repo / name).read_bytes() for name in first} == first
+    assert json.loads(_dvc(repo, "status", "--json", env=env).stdout) == {}
+    _dvc(repo, "exp", "apply", "smoke-exp", env=env)
+    assert {name: (repo / name).read_bytes() for name in first} == made
+    assert json.loads(_dvc(repo, "status", "--json", env=env).stdout) == {}  # nothing to rerun
+    git("checkout", "--", ".")
+    _dvc(repo, "checkout", "-q", env=env)
+
+    # the model as a DVC artifact: a version is a GTO tag, `dvc artifacts get` fetches its model.pt
+    git("tag", "-a", "tasn@v1.0.0", "-m", "Registering artifact tasn version 1.0.0")
+    _dvc(repo, "artifacts", "get", ".", "tasn", "-o", str(tmp_path / "got.pt"), env=env)
+    assert (tmp_path / "got.pt").read_bytes() == first["outputs/train/model.pt"]
 
     table = list(csv.DictReader(io.StringIO(_dvc(repo, "exp", "show", "--csv", env=env).stdout)))
     assert not [c for c in table[0] if c.startswith("profiles.")]
+    assert not {"num_classes", "timing_batch_size", "kind", "primary_head"} & set(table[0])  # no settings as metrics
     (row,) = [r for r in table if r["Experiment"] == "smoke-exp"]
     assert row["evaluate.topk"] == "3" and row["train.seed"] == "1"
-    top1 = f"outputs/evaluate/{evaluate.METRICS}:top1"  # DVC prefixes a key two metrics files share
-    assert 0 <= float(row[top1]) <= 1 and row["num_test"] == "12.0"  # its metrics, read from its commit
+    assert 0 <= float(row["top1"]) <= 1 and row["num_test"] == "12.0"  # its metrics, read from its commit
 
     # every code dep dvc.yaml declares was loaded by the stage while it ran (the static test above
     # checks the other way: nothing the stage's library code imports is missing; the command

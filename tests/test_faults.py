@@ -11,20 +11,30 @@ the output missing, and `sweep_temps` removes only what nobody holds.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 
 from fixtures.hold import HOLD, MATCH, REACHED
+from tasn import tracking
 from tasn.cli import main
+from tasn.config import TrackingConfig, load_config
 from tasn.data import parallel
-from tasn.io import STAGING_GRACE_S, atomic_dir, exchange, sweep_temps
+from tasn.io import EVALUATED, MODEL_SHA256, STAGING_GRACE_S, atomic_dir, exchange, file_sha256, sweep_temps
+from tasn.model import build_model
+from tasn.training.outputs import METRICS, MODEL, RUN, write_outputs
 from test_data_support import tree_with_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,3 +278,152 @@ def test_sweep_removes_only_what_no_live_run_holds(tmp_path):
         assert sweep_temps(out) == []  # the live one stays: it is locked
         (live / "marker").touch()
     assert (out / "marker").is_file()
+
+
+# -- the training outputs are one unit ----------------------------------------------------------------
+
+def _outputs(out: Path, seed: int) -> None:
+    """What `tasn train` writes at its end (tasn.training.outputs.write_outputs), for a small model of `seed`."""
+    cfg = load_config(ROOT / "params.yaml", None, ["model.kind=baseline", "model.out_size=32", "model.input_size=32",
+                                                   "preprocess.size=40", "tracking.enabled=false"])
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, 3)
+    history = [{"epoch": 1, "train_loss": 1.0 + seed, "val_loss": 1.5, "master_aux_top1": 0.5}]
+    write_outputs(out, model, cfg, ["a", "b", "c"], {"master_aux_top1": 0.1 * seed}, 1.0, history,
+                  [{"step": 1, "loss": 1.0}], 1, None)
+
+
+WRITER = f"""
+import sys
+sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]
+import fixtures.hold  # holds the function TASN_TEST_HOLD names
+from test_faults import _outputs
+from pathlib import Path
+_outputs(Path(sys.argv[1]), int(sys.argv[2]))
+"""
+
+
+def test_a_kill_between_the_output_writes_leaves_the_previous_model_with_its_own_metrics(tmp_path):
+    """Run A's outputs, then run B SIGKILLed after its model is written and before its history:
+    the folder is still exactly A's (model, metrics and run record agree on the model's sha256),
+    and the next run sweeps what B left."""
+    out = tmp_path / "train"
+    _outputs(out, seed=1)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "ckpt-000000001.pt").write_bytes(b"a checkpoint")  # written during the run
+    before = digest(out)
+    reached = tmp_path / "reached"
+    env = {**os.environ, HOLD: "tasn.training.outputs:csv_text", MATCH: "", REACHED: str(reached)}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out), "2"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: reached.exists() or proc.poll() is not None, "run B to reach its history")
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.kill()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert digest(out) == before
+    recorded = {json.loads((out / name).read_text())[MODEL_SHA256] for name in (METRICS, RUN)}
+    assert recorded == {file_sha256(out / MODEL)}
+    _outputs(out, seed=3)
+    assert temporaries(tmp_path) == [] and (out / "checkpoints" / "ckpt-000000001.pt").read_bytes() == b"a checkpoint"
+    assert json.loads((out / METRICS).read_text())[MODEL_SHA256] == file_sha256(out / MODEL) != before[MODEL]
+
+
+def test_evaluate_and_register_refuse_a_model_that_is_not_the_one_the_records_describe(tmp_path, capsys):
+    for seed in (1, 2):
+        _outputs(tmp_path / f"run{seed}", seed)
+    a, b = (file_sha256(tmp_path / f"run{seed}" / MODEL) for seed in (1, 2))
+    assert main(["evaluate", "--data", str(tmp_path / "prepared"), "--model", str(tmp_path / "run2" / MODEL),
+                 "--run-json", str(tmp_path / "run1" / RUN), "--out", str(tmp_path / "ev")]) == 1
+    err = capsys.readouterr().err
+    assert f"run2/model.pt is of model sha256 {b[:16]}..., but --run-json {tmp_path / 'run1' / RUN} is of " \
+           f"model sha256 {a[:16]}" in err and "Traceback" not in err
+    run = {"run_id": "0123abcd", "model_uri": "models:/m-0123", MODEL_SHA256: a}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    (tmp_path / "metrics.json").write_text(json.dumps({"master_aux_top1": 0.9}))
+    (tmp_path / EVALUATED).write_text(json.dumps({"model": "run2/model.pt", MODEL_SHA256: b}))  # evaluate's record
+    assert main(["register", "--run-json", str(tmp_path / "run.json"), "--metrics", str(tmp_path / "metrics.json"),
+                 "--out", str(tmp_path / "reg"), "-S", "tracking.uri=http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert f"run.json is of model sha256 {a[:16]}..., but --metrics {tmp_path / 'metrics.json'} (by evaluated.json) " \
+           f"is of model sha256 {b[:16]}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [EVALUATED, "metrics.json", "run.json", "run1", "run2"]
+
+
+# -- MLflow going away in the middle of a run ----------------------------------------------------
+
+class _FakeMLflow(ThreadingHTTPServer):
+    """Answers every request as `mode` says: "refuse" (400 INVALID_PARAMETER_VALUE) or "hang"."""
+
+    mode = "refuse"
+    hits = 0
+
+    def __init__(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                server.hits += 1
+                if server.mode == "hang":
+                    time.sleep(5)
+                    return
+                body = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": "no such metric"}).encode()
+                self.send_response(400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _in_time(fn, seconds: float = 30.0) -> None:
+    """Run `fn`, failing the test (rather than hanging it) if it has not returned in `seconds`."""
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still blocked after {seconds:.0f} s"
+
+
+@pytest.mark.integration
+def test_an_mlflow_outage_costs_a_bounded_wait_and_a_refusal_is_not_retried(mlflow_server, monkeypatch, caplog):
+    for name in tracking.HTTP_ENV.values():  # recorded, so whatever http_settings sets is undone afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    run = tracking.Run(TrackingConfig(uri=mlflow_server.url, experiment="outages", system_metrics=False), {})
+    tracking.http_settings(TrackingConfig(request_timeout=1, request_retries=1))  # what the config would say
+    fake = _FakeMLflow()
+    try:
+        mlflow.set_tracking_uri(fake.url)  # the run's server: from here on every call goes to the fake
+        with caplog.at_level(logging.INFO, logger="tasn.tracking"):
+            _in_time(lambda: run.log_metrics({"loss": 1.0}, step=1))
+            refused = "MLflow refused log_metrics at step 1 (INVALID_PARAMETER_VALUE: no such metric); not retried"
+            assert fake.hits == 1 and refused in caplog.text
+            fake.mode = "hang"
+            _in_time(lambda: run.log_metrics({"loss": 0.9}, step=2))  # MLflow's 1 s timeout, 1 retry: 2 requests
+            assert fake.hits == 3 and "log_metrics at step 2 failed" in caplog.text
+            assert "the run goes on without MLflow for 300 s" in caplog.text
+            _in_time(lambda: run.log_metrics({"loss": 0.8}, step=3))  # the server is left alone: no request
+            assert fake.hits == 3
+    finally:
+        fake.shutdown()
+        mlflow.set_tracking_uri(mlflow_server.url)
+        run.end()
+
+
+def test_mlflow_http_settings_come_from_the_config_unless_the_environment_sets_them(monkeypatch):
+    for name in tracking.HTTP_ENV.values():  # recorded, so whatever http_settings sets is undone afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own
+    got = tracking.http_settings(TrackingConfig(request_timeout=7, request_retries=2))
+    assert got == {"MLFLOW_HTTP_REQUEST_TIMEOUT": "7", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    assert tracking.http_settings(TrackingConfig(request_timeout=9))["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "9"

@@ -12,6 +12,7 @@ import great_expectations as gx
 import pytest
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
+from tasn import offline
 from tasn.config import load_config
 from tasn.data import validate as validation
 from tasn.errors import DataError
@@ -60,7 +61,8 @@ def test_write_suite_writes_the_files_and_drops_stale_ones(tmp_path):
 
 def test_a_run_is_rendered_as_gx_data_docs(smoke_data, tmp_path):  # noqa: F811
     """A failing run (most smoke images are under 200 px): the report beside the data links GX
-    Data Docs, whose validation pages show each suite's results with the offending files."""
+    Data Docs, whose validation pages show each suite's results with the offending files, and
+    load their scripts and styles from the site (tasn.offline), not from CDNs."""
     raw = smoke_data.parent / "raw"
     cfg = smoke_config("validate.min_side=200", "validate.workers=1").validate
     with pytest.raises(DataError, match=r"\[min_side\]"):
@@ -79,3 +81,9 @@ def test_a_run_is_rendered_as_gx_data_docs(smoke_data, tmp_path):  # noqa: F811
     files = [o.split(":")[0].removeprefix("images/") for o in min_side["offenders"]]
     assert sum(f in text for f in files) >= min(len(files), 10)  # the offending files, as GX lists them
     assert f'href="{validation.DATA_DOCS}/index.html"' in (out / validation.REPORT).read_text()
+    # and the pages open offline: every script and stylesheet is the site's own vendored copy
+    for page in [docs / "index.html", *pages]:
+        assert offline.remote_loads(page.read_text()) == [], page
+        for ref in re.findall(r'(?:src|href)="(\.[^"]*static/vendor/[^"]+)"', page.read_text()):
+            assert (page.parent / ref).resolve().is_file(), (page, ref)
+    assert len(re.findall(r"static/vendor/", index)) == 15  # all that GX's page template loads

@@ -460,8 +460,13 @@ def test_run_local_stops_at_the_failed_stage_without_retrying_and_still_runs_the
     with pytest.raises(TASNError, match="the local pipeline run failed: .*train"):
         runner.run_local(raw, None, None, None, tmp_path / "root")
     assert [r["argv"][0] for r in calls()] == ["validate", "preprocess", "train"]
-    log = runner._plain(Exception("".join(capfd.readouterr())))
+    shown = "".join(capfd.readouterr())
+    log = runner._plain(Exception(shown))
     assert "run " in log and "ended FAILED" in log and "Task 'cleanup' finished with status SUCCESS" in log
+    # off a terminal: no colour codes, and each task's executor input only in the log file
+    full = (tmp_path / "root" / runner.LOG).read_text()
+    assert "\x1b[" not in shown and shown.count(runner.EXECUTOR_INPUT) == full.count(runner.EXECUTOR_INPUT) > 3
+    assert '"parameterValues"' not in shown and '"parameterValues"' in full
 
 
 def test_run_local_names_a_missing_dataset(tmp_path):

@@ -145,7 +145,7 @@ def test_bad_image_and_bad_uri_are_named(staged, images, tracking, tmp_path, cap
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     assert main(["predict", images[0], str(broken), "--model", f"models:/{name}@staging"]) == 1
-    assert f"{broken}: not a readable image" in capsys.readouterr().err
+    assert f"{broken}: not an image" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "missing.png"), "--model", f"models:/{name}@staging"]) == 1
     assert "missing.png: no such image file" in capsys.readouterr().err
     assert main(["predict", images[0], "--model", f"models:/{name}@production"]) == 1

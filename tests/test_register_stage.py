@@ -1,6 +1,7 @@
 """`tasn register`: what the registry says in words (descriptions of the model and its versions,
-kept current by promotions), and who may move `@staging` (never a DVC experiment, never with
-register.promote false). On a sqlite MLflow store in a temporary folder."""
+kept current by promotions), which runs register (register.enabled: a DVC experiment only when
+asked), and who may move `@staging` (never a DVC experiment, never with register.promote false).
+On a sqlite MLflow store in a temporary folder."""
 
 from __future__ import annotations
 
@@ -90,16 +91,26 @@ def test_register_describes_and_promotion_updates_the_descriptions(store):
 
 
 @pytest.mark.slow
-def test_neither_an_experiment_nor_register_promote_false_moves_staging(store, monkeypatch):
+def test_an_experiment_registers_only_when_asked_and_never_moves_staging(store, monkeypatch):
+    """The rule for what registers (register.enabled): every run but a DVC experiment's, which
+    registers when asked and even then leaves @staging alone; false registers nothing."""
     tmp_path, uri = store
     register(tmp_path, uri)  # v1 takes staging
+    client = MlflowClient(uri, registry_uri=uri)
     monkeypatch.setenv(tracking.DVC_EXP_ENV, "sulky-doze")
-    during_sweep = register(tmp_path, uri)
-    assert during_sweep.decision is None and during_sweep.registration["version"] == "2"
-    assert "DVC experiment sulky-doze: experiments never move staging" in during_sweep.registration["reason"]
+    unasked = register(tmp_path, uri)
+    assert unasked.decision is None and unasked.registration["version"] is None
+    assert unasked.registration["decision"] == "not registered" and unasked.registration["candidate"] == 0.625
+    assert "experiments register only when asked (-S register.enabled=true)" in unasked.registration["reason"]
+    assert [str(v.version) for v in client.search_model_versions("name='tasn'")] == ["1"]
+    asked = register(tmp_path, uri, "register.enabled=true")
+    assert asked.decision is None and asked.registration["version"] == "2"
+    assert "DVC experiment sulky-doze: experiments never move staging" in asked.registration["reason"]
     monkeypatch.delenv(tracking.DVC_EXP_ENV)
     switched_off = register(tmp_path, uri, "register.promote=false")
     assert switched_off.decision is None and "register.promote is false" in switched_off.registration["reason"]
-    client = MlflowClient(uri, registry_uri=uri)
+    never = register(tmp_path, uri, "register.enabled=false")
+    assert never.registration["version"] is None and "register.enabled is false" in never.registration["reason"]
     assert str(client.get_model_version_by_alias("tasn", "staging").version) == "1"
     assert "Promotions:" in client.get_model_version("tasn", "3").description  # registered, never promoted
+    assert len(client.search_model_versions("name='tasn'")) == 3

@@ -18,11 +18,13 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from fixtures.hold import HOLD, MATCH, REACHED
 from fixtures.models import log_baseline
 from tasn import registry
 from tasn.cli import main
-from tasn.errors import ServiceError
-from tasn.registry import lock
+from tasn.config import load_config
+from tasn.errors import ServiceError, TASNError
+from tasn.registry import lock, stage
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +75,8 @@ def promote_cli(*args) -> int:
 def test_register_tags_metrics_data_version_and_commit(runs, name):
     v = add(runs, name, 0.625)
     mv = registry.client().get_model_version(name, v)
-    assert mv.tags["metric.master_aux_top1"] == "0.625" and float(mv.tags["metric.top1"]) == 0.625
-    assert "metric.loss" not in mv.tags  # NaN is not a comparable metric
+    assert mv.tags["metric.master_aux_top1"] == "0.625"  # the gate's number, and no copy of the others:
+    assert [k for k in mv.tags if k.startswith("metric.")] == ["metric.master_aux_top1"]  # on the LoggedModel
     assert mv.tags["data_version"] == "d1"
     assert mv.tags["git_commit"] == "c0ffee1"
     assert mv.tags["run_id"] == runs["d1"][0]
@@ -195,18 +197,24 @@ def test_the_lock_serialises_promotions(runs, name):
         assert t.is_alive() and holder(name) is None  # waiting for the lock
     t.join(60)
     assert result["d"].applied and holder(name) == v1
-    assert lock.lock_tags(mc, name + lock.LOCK_SUFFIX) is None  # the lock model is gone
+    assert lock.claims(mc, name) == {}  # every claim is gone
 
 
-def test_a_lock_nobody_renews_is_taken_over_after_one_lease(runs, name, monkeypatch):
-    """A lock left by a dead holder (here one of the old format, with no lease or beat tags)."""
+def _claim(mc, name, token, owner, number):
+    """A claim as a holder that died left it (no heartbeat renews it)."""
+    mc.set_registered_model_tag(name, lock.CLAIM_TAG + token,
+                                json.dumps({"owner": owner, "since": "then", "number": number, "beat": 0}))
+
+
+def test_a_claim_nobody_renews_is_removed_after_one_lease(runs, name, monkeypatch, caplog):
     monkeypatch.setattr(lock, "LOCK_LEASE_S", 1.0)
     v1 = add(runs, name, 0.5)
     mc = registry.client()
-    mc.create_registered_model(name + lock.LOCK_SUFFIX, tags={"owner": "dead@host", "token": "t", "expires": "1.0"})
+    _claim(mc, name, "dead", "dead@host", 1)
     start = time.monotonic()
     assert registry.gate(name, v1).applied and holder(name) == v1
     assert time.monotonic() - start >= 1.0  # it waited for the lease to run out on its own clock
+    assert "the claim of dead@host was not renewed" in caplog.text and lock.claims(mc, name) == {}
 
 
 # A promotion that holds the lock (heartbeat running) until it is killed.
@@ -234,8 +242,8 @@ def test_a_killed_holder_delays_the_next_promotion_by_at_most_one_lease(runs, na
                 registry.client(), name, timeout=3 * lease):
             pass
         assert time.monotonic() - start >= 3 * lease and holder(name) is None
-        beat = lock.lock_tags(registry.client(), name + lock.LOCK_SUFFIX)[lock.BEAT_TAG]
-        assert int(beat.split()[0]) >= 3  # renewed every lease / 3
+        (held,) = lock.claims(registry.client(), name).values()
+        assert json.loads(held.raw)["beat"] >= 3  # renewed every lease / 3
         proc.kill()  # SIGKILL: no finally, no release
         proc.wait(30)
         killed = time.monotonic()
@@ -250,17 +258,98 @@ def test_a_killed_holder_delays_the_next_promotion_by_at_most_one_lease(runs, na
 
 
 def test_a_holder_that_lost_its_lock_stops_and_spares_the_successor(runs, name):
-    """A heartbeat that stalled for a lease lets a waiter take over: the old holder finds out before
-    it changes anything, and its release leaves the successor's lock alone."""
+    """A heartbeat that stalled for a lease lets a waiter delete the claim and go ahead: the old
+    holder finds out before it changes anything, and its release leaves the successor's claim alone."""
+    add(runs, name, 0.5)
     mc = registry.client()
     with lock.promotion_lock(mc, name) as held:
         held.verify()  # ours
-        lock.release(mc, held.lock, held.token)  # what a waiter does to a lock it finds stale
-        mc.create_registered_model(held.lock, tags={"owner": "successor@host", "token": "theirs", "beat": "0"})
-        with pytest.raises(ServiceError, match="lost the promotion lock .*now held by successor@host"):
+        mc.delete_registered_model_tag(name, held.tag)  # what a waiter does to a claim it finds stale
+        _claim(mc, name, "theirs", "successor@host", 1)
+        with pytest.raises(ServiceError, match="lost the promotion lock of .*deleted by a waiter"):
             held.verify()
-    assert lock.lock_tags(mc, held.lock)["token"] == "theirs"
-    lock.release(mc, held.lock, "theirs")
+    assert list(lock.claims(mc, name)) == ["theirs"]
+    mc.delete_registered_model_tag(name, lock.CLAIM_TAG + "theirs")
+
+
+def test_a_promotion_killed_in_its_alias_move_is_mended_by_the_next_run(runs, name, mlflow_server, tmp_path):
+    """SIGTERM while the record is being written (before the alias moves): exit 143, the alias
+    where it was; the rerun promotes, and the history is consistent."""
+    v1, v2 = add(runs, name, 0.5), add(runs, name, 0.75)
+    registry.gate(name, v1)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, HOLD: "json:dumps", MATCH: "'why': ",
+           REACHED: str(tmp_path / "reached"), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    reached = Path(env[REACHED])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fixtures" / "hold.py"), "promote", "--name", name,
+                             "--version", v2], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not reached.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.terminate()
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert promote_cli("--name", name, "--version", v2) == 0 and holder(name) == v2
+    hist = registry.history(name)
+    assert hist["consistent"], hist["problems"]
+    assert lock.claims(registry.client(), name) == {}
+
+
+def test_a_record_written_before_a_kill_is_withdrawn_by_the_next_promotion(runs, name, capsys):
+    """What a SIGKILL between the record and the alias move leaves: a record of a move that never
+    happened. `history` says so; the next promotion withdraws it and the chain is whole again."""
+    v1, v2 = add(runs, name, 0.5), add(runs, name, 0.75)
+    registry.gate(name, v1)
+    mc = registry.client()
+    record = {"seq": 2, "alias": "staging", "version": v2, "previous": v1, "who": "killed@host", "when": "then",
+              "why": "better", "forced": False}
+    mc.set_registered_model_tag(name, "promotion_seq", "2")
+    mc.set_model_version_tag(name, v2, "promotion.000002", json.dumps(record))
+    assert not registry.history(name)["consistent"]
+    assert promote_cli("--name", name, "--version", v2) == 0 and holder(name) == v2
+    hist = registry.history(name)
+    assert hist["consistent"], hist["problems"]
+    assert [(r["seq"], bool(r.get("withdrawn"))) for r in hist["promotions"]] == [(1, False), (2, True), (3, False)]
+    capsys.readouterr()
+    assert main(["registry", "history", "--name", name]) == 0
+    assert "WITHDRAWN better" in capsys.readouterr().out
+
+
+def _register_files(runs, folder: Path) -> tuple[Path, Path]:
+    run_id, uri = runs["d1"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"run_id": run_id, "model_uri": uri}))
+    (folder / "metrics.json").write_text(json.dumps({"master_aux_top1": 0.5}))
+    return folder / "run.json", folder / "metrics.json"
+
+
+def test_register_checks_its_out_first_and_a_rerun_after_a_failure_reuses_the_version(runs, name, tmp_path,
+                                                                                       monkeypatch):
+    run_json, metrics = _register_files(runs, tmp_path)
+    cfg = load_config(ROOT / "params.yaml", None, ["register.promote=true"])
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(TASNError, match="a-file: cannot create the folder for out"):
+        registry.register(cfg, run_json, metrics, tmp_path / "a-file" / "out", name=name)
+    assert registry.client().search_model_versions(f"name='{name}'") == []  # nothing registered
+    real_gate = stage.gate
+
+    def gate_once_down(*args, **kwargs):
+        monkeypatch.setattr(stage, "gate", real_gate)
+        raise ServiceError("MLflow went away")
+
+    monkeypatch.setattr(stage, "gate", gate_once_down)
+    with pytest.raises(ServiceError):
+        registry.register(cfg, run_json, metrics, tmp_path / "out", name=name, promote=True)
+    again = registry.register(cfg, run_json, metrics, tmp_path / "out", name=name, promote=True)
+    assert again.registration["version"] == "1" and again.decision.applied  # the failed attempt's version
+    assert [v.version for v in registry.client().search_model_versions(f"name='{name}'")] == ["1"]
+    assert not (tmp_path / "out" / stage.PENDING).exists()
+    third = registry.register(cfg, run_json, metrics, tmp_path / "out", name=name)  # a new attempt: a new version
+    assert third.registration["version"] == "2"
 
 
 def test_two_concurrent_gates_end_on_the_better_candidate(runs, name):

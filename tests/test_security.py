@@ -17,26 +17,36 @@ import json
 import logging
 import os
 import socket
+import struct
+import uuid
+import zlib
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from PIL import Image
 
 from components.runtime import run_tasn
 from fixtures.data_smoke import smoke_data  # noqa: F401  (fixture)
+from fixtures.models import baseline_model
 from fixtures.servers import Account
-from tasn import redact, storage, tracking
+from tasn import evaluate, redact, serving, storage, tracking
+from tasn.checkpoint import fingerprint, save_checkpoint, save_model
 from tasn.cli import main
-from tasn.config import TrackingConfig
+from tasn.config import TrackingConfig, load_config
 from tasn.errors import DataError, ServiceError
 from tasn.jobspec import PARAMS_ENV, WORK_OUT
 from tasn.launch import node_main
-from tasn.registry import REGISTRATION, alias_holder
-from tasn.training.outputs import METRICS, RUN
+from tasn.model import build_model
+from tasn.predict import from_checkpoint
+from tasn.pyfunc_model import TASNClassifier
+from tasn.registry import REGISTRATION, alias_holder, lock
+from tasn.training.outputs import MODEL, RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 CREDENTIAL_ENV = (tracking.USER_ENV, tracking.PASSWORD_ENV, "MLFLOW_TRACKING_URI")
@@ -155,7 +165,8 @@ def test_copy_tree_refuses_a_local_source_that_lands_outside_through_a_symlink(t
     outside.mkdir()
     dest.mkdir()
     (dest / "sub").symlink_to(outside)  # left in the destination by someone else
-    with pytest.raises(DataError, match=r"key 'sub/b.txt' resolves to .*outside.*nothing was copied"):
+    with pytest.raises(DataError, match=r"key path 'sub/b.txt' leads out of .* through a symbolic link \(to .*outside"
+                                        r".*nothing was copied"):
         storage.copy_tree(str(src), str(dest))
     assert _files(outside) == {} and not (dest / "a.txt").exists()  # checked before the first write
     (dest / "sub").unlink()
@@ -163,9 +174,9 @@ def test_copy_tree_refuses_a_local_source_that_lands_outside_through_a_symlink(t
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("key,why", [("data/../escape.txt", "has a '..' segment"),
-                                     ("data/sub/../../../escape.txt", "has a '..' segment"),
-                                     ("data//etc/escape.txt", "starts with '/'")])
+@pytest.mark.parametrize("key,why", [("data/../escape.txt", r"part '\.\.' is '\.' or '\.\.'"),
+                                     ("data/sub/../../../escape.txt", r"part '\.\.' is '\.' or '\.\.'"),
+                                     ("data//etc/escape.txt", "is absolute")])
 def test_copy_tree_refuses_hostile_object_keys(s3_server, tmp_path, monkeypatch, key, why):
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
@@ -176,7 +187,7 @@ def test_copy_tree_refuses_hostile_object_keys(s3_server, tmp_path, monkeypatch,
     assert key in [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]  # stored as given
     box = tmp_path / "box"
     dest = box / "a" / "b" / "dest"
-    with pytest.raises(DataError, match=f"key .* {why}, outside the destination"):
+    with pytest.raises(DataError, match=f"key .*{why}.*, outside the destination"):
         storage.copy_tree(f"s3://{bucket}/data", str(dest))
     assert _files(tmp_path) == {} and not Path("/etc/escape.txt").exists()
     with pytest.raises(DataError, match=why):  # nor does an upload carry the key to another prefix
@@ -268,7 +279,7 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
     host = url.removeprefix("http://")
     name = "tasn-auth"
     admin = MlflowClient(url, registry_uri=url)
-    out, reg = tmp_path / "train", tmp_path / "register"
+    out, scored, reg = tmp_path / "train", tmp_path / "evaluate", tmp_path / "register"
     smoke = ["--params", str(ROOT / "params.yaml"), "--profile", "smoke"]
     code_of = {}
     with caplog.at_level(logging.INFO):
@@ -282,10 +293,18 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
                                      "-S", f"tracking.uri=http://{ci.username}:{ci.password}@{host}"])
         finally:
             torch.set_num_threads(threads)
-        # 2. registering and gating, as the pipeline's account given in the environment (as the pods)
+        # 2. evaluating, registering and gating, as the pipeline's account given in the environment (as
+        # the pods); the gate reads the test split's accuracies, which are evaluate's
         _as(monkeypatch, ci)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        register = ["register", "--run-json", str(out / RUN), "--metrics", str(out / METRICS), "--name", name, *smoke]
+        torch.set_num_threads(1)
+        try:
+            code_of["evaluate"] = main(["evaluate", "--data", str(smoke_data), "--model", str(out / MODEL),
+                                        "--out", str(scored), "--run-json", str(out / RUN), *smoke])
+        finally:
+            torch.set_num_threads(threads)
+        register = ["register", "--run-json", str(out / RUN), "--metrics", str(scored / evaluate.METRICS),
+                    "--name", name, *smoke]
         code_of["register"] = main([*register, "--out", str(reg), "--promote"])
         code_of["register v2"] = main([*register, "--out", str(tmp_path / "reg2")])
         capfd.readouterr()
@@ -304,8 +323,8 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
                                       "canary passed", *smoke])
     captured = capfd.readouterr()
 
-    assert code_of == {"train": 0, "register": 0, "register v2": 0, "intruder register": 1, "intruder promote": 1,
-                       "promote v2": 0}
+    assert code_of == {"train": 0, "evaluate": 0, "register": 0, "register v2": 0, "intruder register": 1,
+                       "intruder promote": 1, "promote v2": 0}
     registration = json.loads((reg / REGISTRATION).read_text())
     assert (registration["version"], registration["decision"], registration["applied"]) == ("1", "promote", True)
     for err, endpoint in ((refused_register, "model-versions/create"), (refused_promote, "registered-models/")):
@@ -320,13 +339,13 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
     promotions = {k: json.loads(v) for k, v in admin.get_model_version(name, "2").tags.items()
                   if k.startswith("promotion.")}
     assert [("canary passed" in p["why"], p["forced"]) for p in promotions.values()] == [(True, True)]  # not "mine now"
-    assert not admin.search_registered_models(f"name='{name}.promotion-lock'")
+    assert lock.claims(admin, name) == {}
 
     # the run: tracked, with the server's URI (no userinfo) in its params and in run.json
     run_info = json.loads((out / RUN).read_text())
     assert run_info["tracking_uri"] == url
     run = admin.get_run(run_info["run_id"])
-    assert run.info.status == "FINISHED" and run.data.params["tracking.uri"] == url
+    assert run.info.status == "FINISHED" and "tracking.uri" not in run.data.params  # a setting of no weight
     assert run.data.params["train.max_steps"] == "2" and "master_aux_top1" in run.data.metrics
 
     # no credential anywhere: params, tags, artifacts, output files, stdout/stderr, logs, the server
@@ -337,7 +356,7 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
     model = admin.get_registered_model(name)
     texts["model"] = json.dumps([model.tags, model.description] + [[v.tags, v.description, v.source]
                                                                    for v in versions])
-    blobs = {str(p): p.read_bytes() for d in (out, reg) for p in d.rglob("*") if p.is_file()}
+    blobs = {str(p): p.read_bytes() for d in (out, scored, reg) for p in d.rglob("*") if p.is_file()}
     artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art"),
                                                          tracking_uri=url))
     logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=run_info["model_uri"],
@@ -347,3 +366,128 @@ def test_pipeline_account_trains_registers_promotes_intruder_cannot_and_nothing_
     for secret in secrets:
         assert [k for k, text in texts.items() if secret in text] == [], secret
         assert [k for k, blob in blobs.items() if secret.encode() in blob] == [], secret
+
+
+@pytest.mark.integration
+def test_an_account_that_may_only_read_cannot_block_promotions(mlflow_auth_server, accounts, no_credentials,
+                                                               monkeypatch, capfd, caplog):
+    """The intruder (default READ) creates the lock model older tasn versions obeyed, with a forged
+    owner, and tries to claim the lock on the model itself: the claim is refused (403); the
+    pipeline's promotion goes through at once, the forged model ignored with a warning (old tasn
+    waited a lease, could not delete it and blamed the forged owner); the intruder's own promotion
+    is refused at its claim."""
+    server, (ci, intruder) = mlflow_auth_server, accounts
+    url, name = server.url, "tasn-lock"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    mlflow.set_tracking_uri(url)
+    _as(monkeypatch, ci)  # a version of the pipeline's, tagged as `tasn register` tags it (its model matters not)
+    pipeline = MlflowClient(url, registry_uri=url)
+    run = pipeline.create_run(pipeline.create_experiment(f"lock-{uuid.uuid4().hex[:8]}"))
+    pipeline.create_registered_model(name)
+    pipeline.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                  tags={"metric.master_aux_top1": "0.5", "data_version": "d1"})
+
+    _as(monkeypatch, intruder)
+    forger = MlflowClient(url, registry_uri=url)
+    forger.create_registered_model(name + lock.LEGACY_LOCK_SUFFIX,
+                                   tags={"owner": "tasn-pipeline@ci-node", "token": "forged", "beat": "0"})
+    with pytest.raises(MlflowException) as claim:
+        forger.set_registered_model_tag(name, lock.CLAIM_TAG + "forged",
+                                        json.dumps({"owner": "tasn-pipeline@ci-node", "number": 0, "beat": 0}))
+    assert claim.value.error_code == "PERMISSION_DENIED"
+
+    _as(monkeypatch, ci)  # the pipeline, with the forged lock in place: not obeyed, not waited on
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert main(["promote", "--name", name, "--version", "1"]) == 0
+    out = capfd.readouterr()
+    assert "tasn-lock v1 -> staging: promoted" in out.out, out
+    assert f"ignoring the registered model '{name}{lock.LEGACY_LOCK_SUFFIX}'" in caplog.text
+    assert "was not renewed" not in caplog.text and "tasn-pipeline@ci-node" not in caplog.text
+
+    _as(monkeypatch, intruder)  # and the intruder's own promotion is refused at its claim
+    assert main(["promote", "--name", name, "--version", "1", "--force", "--reason", "mine"]) == 1
+    refused = capfd.readouterr().err
+    assert f"{url} refused /api/2.0/mlflow/registered-models/set-tag to user 'intruder'" in refused, refused
+    assert "tasn-pipeline@ci-node" not in refused and "Traceback" not in refused
+    _as(monkeypatch, server.admin)
+    admin = MlflowClient(url, registry_uri=url)
+    assert str(alias_holder(admin, name, "staging").version) == "1" and lock.claims(admin, name) == {}
+
+
+def test_credentials_in_config_uris_never_reach_model_files_or_checkpoints(tmp_path):
+    secrets = ["tok-in-uri-4711", "s3-secret-0815"]
+    cfg = load_config(ROOT / "params.yaml", None, [
+        "model.kind=baseline", "model.out_size=32", "model.input_size=32", "preprocess.size=40",
+        f"tracking.uri=https://ci:{secrets[0]}@mlflow:5000", f"tracking.s3_endpoint=http://key:{secrets[1]}@rgw:7480"])
+    net = build_model(cfg.model, 3)
+    save_model(str(tmp_path / "model.pt"), net, cfg.to_dict(), ["a", "b", "c"])
+    state = {"model": net.state_dict(), "optimizer": {}, "epoch": 0, "step": 1, "config": cfg.to_dict(),
+             "fingerprint": fingerprint(cfg, "d1")}
+    save_checkpoint(state, str(tmp_path / "checkpoints"), 1)
+    files = [tmp_path / "model.pt", *(tmp_path / "checkpoints").iterdir()]
+    assert len(files) == 2 and not [(f.name, s) for f in files for s in secrets if s.encode() in f.read_bytes()]
+    predictor = from_checkpoint(str(tmp_path / "model.pt"))  # and the file still loads, its URIs readable
+    assert predictor.config["tracking"]["uri"] == "https://***@mlflow:5000"
+
+
+# -- what a model server and `tasn predict` decode, and what they tell a client ----------------------
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """The first bytes of a PNG whose header claims `width` x `height` pixels (no pixel data: a
+    decoder that believes the header would try to allocate them all)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    return baseline_model(tmp_path_factory.mktemp("served"))[2]
+
+
+def test_predict_and_serving_decode_nothing_past_the_models_pixel_limit(predictor, tmp_path, capsys):
+    bomb = _png_claiming(13_000, 13_000)  # 169 Mpx; the model's preprocess.max_pixels is 90 Mpx
+    frame = pd.DataFrame({serving.IMAGE: [bomb]})
+    with pytest.raises(DataError, match=r"row 0: column 'image': 13000x13000 px = 169.0 Mpx, more than the limit of "
+                                        r"90 Mpx \(the model's preprocess.max_pixels\)"):
+        serving.predict_frame(predictor, frame)
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    assert main(["predict", str(tmp_path / "bomb.png"), "--model", str(tmp_path / "missing.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "bomb.png: 13000x13000 px = 169.0 Mpx, more than the limit of 90 Mpx" in err and "Traceback" not in err
+
+
+def test_a_served_model_reads_paths_only_under_its_image_folder_and_says_nothing_of_other_files(
+        predictor, tmp_path, monkeypatch):
+    served, secret = tmp_path / "served", tmp_path / "secret"
+    served.mkdir()
+    secret.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(secret / "private.png")
+    Image.new("RGB", (40, 40), (10, 10, 200)).save(served / "bird.png")
+    (served / "link.png").symlink_to(secret / "private.png")
+
+    def refusal(path: str) -> str:
+        with pytest.raises(DataError) as exc:
+            serving.predict_frame(predictor, pd.DataFrame({serving.PATH: [path]}))
+        return str(exc.value)
+
+    assert "column 'path' is not served here" in refusal(str(secret / "private.png"))  # no folder configured
+    monkeypatch.setenv(serving.IMAGE_ROOT_ENV, str(served))
+    assert serving.predict_frame(predictor, pd.DataFrame({serving.PATH: ["bird.png"]}))["prob"][0] > 0
+    paths = (str(secret / "private.png"), str(secret / "missing.png"), "../secret/private.png", "../secret/missing.png",
+             "link.png", "missing.png")
+    answers = {p: refusal(p) for p in paths}
+    generic = {text.replace(repr(p), "PATH") for p, text in answers.items()}
+    assert generic == {"row 0: PATH is not an image file under the server's image folder"}, answers
+
+
+def test_a_bad_request_to_the_pyfunc_is_a_message_not_a_stack_trace(predictor):
+    model = TASNClassifier()
+    model.predictor = predictor
+    with pytest.raises(MlflowException) as bad:
+        model.predict(None, pd.DataFrame({serving.IMAGE: [b"not an image"]}))
+    answer = json.loads(bad.value.serialize_as_json())
+    assert bad.value.get_http_status_code() == 400 and "stack_trace" not in answer
+    assert answer["message"] == "row 0: column 'image': not an image (no decoder recognises its contents)"

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -57,13 +58,14 @@ def jpeg(seed: int, size=(47, 61)) -> bytes:
     return buf.getvalue()
 
 
-def test_rows_of_bytes_base64_text_or_paths_answer_like_the_predictor(model, tmp_path):
+def test_rows_of_bytes_base64_text_or_paths_answer_like_the_predictor(model, tmp_path, monkeypatch):
     _, predictor = model
     images = [jpeg(i) for i in range(3)]
-    path = tmp_path / "bird.jpg"
-    path.write_bytes(images[2])
+    (tmp_path / "birds").mkdir()
+    (tmp_path / "birds" / "bird.jpg").write_bytes(images[2])
+    monkeypatch.setenv(serving.IMAGE_ROOT_ENV, str(tmp_path))  # the folder this server reads paths under
     frame = pd.DataFrame({serving.IMAGE: [images[0], base64.b64encode(images[1]).decode(), None],
-                          serving.PATH: [None, None, str(path)]})
+                          serving.PATH: [None, None, "birds/bird.jpg"]})
     out = serving.predict_frame(predictor, frame, topk=2)
     want = predictor.predict([Image.open(io.BytesIO(b)).convert("RGB") for b in images], topk=2)
     assert out["class_name"].tolist() == [w["class_name"] for w in want]
@@ -76,12 +78,12 @@ def test_rows_of_bytes_base64_text_or_paths_answer_like_the_predictor(model, tmp
 def test_bad_rows_are_named(model):
     _, predictor = model
     with pytest.raises(DataError, match=r"row 1: neither 'image' nor 'path'"):
-        serving.images_from_frame(pd.DataFrame({serving.IMAGE: [jpeg(0), None]}))
-    with pytest.raises(DataError, match=r"row 0: column 'image' is not a readable image"):
-        serving.images_from_frame(pd.DataFrame({serving.IMAGE: [b"not an image"]}))
+        serving.images_from_frame(pd.DataFrame({serving.IMAGE: [jpeg(0), None]}), predictor)
+    with pytest.raises(DataError, match=r"row 0: column 'image': not an image"):
+        serving.images_from_frame(pd.DataFrame({serving.IMAGE: [b"not an image"]}), predictor)
     with pytest.raises(DataError, match=r"needs a column 'image'.*or 'path'"):
-        serving.images_from_frame(pd.DataFrame({"pixels": [1]}))
-    with pytest.raises(DataError, match="cannot read an image"):
+        serving.images_from_frame(pd.DataFrame({"pixels": [1]}), predictor)
+    with pytest.raises(DataError, match="row 0: column 'path' is not served here"):
         serving.predict_frame(predictor, pd.DataFrame({serving.PATH: ["/nonexistent/bird.jpg"]}))
 
 
@@ -182,9 +184,17 @@ def test_the_staged_model_serves_a_jpeg_from_the_test_split(mlflow_server, smoke
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as resp:
             (answer,) = json.loads(resp.read())["predictions"]
+        # a bad request: a JSON message naming the row and the problem, no stack trace, no file read
+        bad = json.dumps({"dataframe_records": [{serving.PATH: "/etc/passwd"}]}).encode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=bad,
+                                                          headers={"Content-Type": "application/json"}), timeout=60)
+        error = json.loads(refused.value.read())
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
     want = from_checkpoint(str(tmp_path / "train" / outputs.MODEL)).predict([image], topk=2)[0]
     assert answer["class_name"] == want["class_name"] and answer["class_id"] == want["class_id"]
     assert answer["prob"] == pytest.approx(want["prob"], abs=1e-5) and len(answer["topk_class_names"]) == 2
+    assert refused.value.code == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "row 0: column 'path' is not served here" in error["message"] and "stack_trace" not in error

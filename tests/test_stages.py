@@ -1,6 +1,7 @@
 """Every stage from the library alone, no CLI: synth -> validate -> preprocess -> train -> evaluate
 -> register (with the staging gate) -> promote to production, on the smoke profile, tracked in a
-sqlite MLflow store in a temporary folder."""
+sqlite MLflow store in a temporary folder; and the same training untracked, without pictures, to
+the same bit."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tasn.config import load_config
 from tasn.data import preprocess as preparation
 from tasn.data import validate as validation
 from tasn.data.synth import generate
+from tasn.io import MODEL_SHA256
 from tasn.registry.versions import alias_holder
 from tasn.training import outputs, train
 
@@ -27,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_each_stage_runs_from_the_library(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = ["validate.min_side=32", "validate.workers=1", "preprocess.workers=1", "train.epochs=2"]
     cfg = load_config(ROOT / "params.yaml", "smoke", [
-        f"tracking.uri={uri}", "tracking.system_metrics=false", "validate.min_side=32", "validate.workers=1",
-        "preprocess.workers=1", "register.model_name=tasn-library",
+        *settings, f"tracking.uri={uri}", "tracking.system_metrics=false", "register.model_name=tasn-library",
     ])
     generate(tmp_path / "raw", cfg.data.synth, workers=1)
 
@@ -40,16 +42,27 @@ def test_each_stage_runs_from_the_library(tmp_path, monkeypatch):
     prepared = preparation.preprocess(tmp_path / "raw", tmp_path / "prepared", cfg.preprocess)
     assert prepared.summary["images"] == checked.summary["images"] and prepared.out_dir == tmp_path / "prepared"
 
+    untracked = load_config(ROOT / "params.yaml", "smoke", [*settings, "tracking.enabled=false",
+                                                            "train.picture_images=0"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         trained = train(cfg, prepared.out_dir, tmp_path / "train")
+        plain = train(untracked, prepared.out_dir, tmp_path / "plain")
     finally:
         torch.set_num_threads(threads)
+    # the same seed, the same result on one machine and thread count: what `make run` adds to a
+    # plain `tasn train` (MLflow tracking, the attention pictures drawn after epoch 1) changes no bit
+    tracked_weights, plain_weights = (torch.load(d / outputs.MODEL, weights_only=True)["model"]
+                                      for d in (tmp_path / "train", tmp_path / "plain"))
+    assert all(torch.equal(tracked_weights[k], plain_weights[k]) for k in plain_weights)
+    assert (tmp_path / "train" / outputs.HISTORY).read_text() == (tmp_path / "plain" / outputs.HISTORY).read_text()
+    assert not plain.run.run_id and (tmp_path / "train" / outputs.PICTURES).is_dir()
     assert trained.run.run_id and trained.run.tracking_uri == uri and trained.run.model_uri
-    assert json.loads((tmp_path / "train" / outputs.RUN).read_text()) == trained.run.to_dict()
+    recorded = json.loads((tmp_path / "train" / outputs.RUN).read_text())
+    assert recorded.pop(MODEL_SHA256) == trained.metrics[MODEL_SHA256] and recorded == trained.run.to_dict()
     assert json.loads((tmp_path / "train" / outputs.METRICS).read_text()) == trained.metrics
-    assert trained.metrics["epochs"] == 1 and (tmp_path / "train" / outputs.MODEL).is_file()
+    assert trained.metrics["epochs"] == 2 and (tmp_path / "train" / outputs.MODEL).is_file()
 
     scored = evaluation.evaluate(cfg, prepared.out_dir, str(tmp_path / "train" / outputs.MODEL),
                                  tmp_path / "evaluate", run_id=trained.run.run_id)

@@ -3,24 +3,29 @@ logged to a real `mlflow server` whose artifacts live on Ceph RGW."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import socket
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from fixtures.data_smoke import smoke_config, smoke_data  # noqa: F401  (fixture)
-from tasn import checkpoint, lineage, tracking
+from tasn import checkpoint, cli, lineage, tracking
 from tasn.config import TrackingConfig
 from tasn.errors import ServiceError
 from tasn.predict import Predictor, from_checkpoint, load_predictor
 from tasn.training import train
 from tasn.training.outputs import CURVES, MODEL, RUN
+from tasn.training.stage import run_params
 
 
 def test_scrub_redacts_credentials_by_name_and_by_value(monkeypatch):
@@ -32,19 +37,27 @@ def test_scrub_redacts_credentials_by_name_and_by_value(monkeypatch):
     assert "s3cr3t-value-xyz" not in out["note"] and out["note"].startswith("endpoint with")
 
 
-def test_retry_survives_transient_failures_and_never_raises(caplog):
+def test_a_run_goes_on_when_mlflow_refuses_or_goes_away(caplog):
+    """No call is repeated by tasn (MLflow's client retries what a retry can mend); a refusal
+    changes nothing; a remote server that failed is left alone for a while."""
     calls = []
 
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionError("server restarting")
-        return "ok"
+    def refused():
+        calls.append("refused")
+        raise MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)
 
-    assert tracking.retry(flaky, "flaky", attempts=4, delay=0) == "ok" and len(calls) == 3
+    def down():
+        calls.append("down")
+        raise MlflowException("API request to http://mlflow/api failed: connection refused")
+
+    outage = tracking.Outage(remote=True)
     with caplog.at_level(logging.WARNING, logger="tasn.tracking"):
-        assert tracking.retry(lambda: 1 / 0, "always broken", attempts=2, delay=0) is None
-    assert "giving up on always broken" in caplog.text
+        assert outage.call(refused, "set_tags") is None and outage.call(refused, "set_tags") is None
+        assert outage.call(down, "log_metrics") is None and outage.call(down, "log_metrics") is None
+        assert tracking.Outage(remote=False).call(lambda: 1 / 0, "end_run") is None
+    assert calls == ["refused", "refused", "down"]  # the second call to a server that is down is not made
+    assert "MLflow refused set_tags (no such run); not retried" in caplog.text
+    assert "the run goes on without MLflow for 300 s" in caplog.text and "end_run failed" in caplog.text
 
 
 def test_local_default_is_sqlite_with_artifacts_in_mlruns(tmp_path, monkeypatch):
@@ -93,6 +106,33 @@ def test_context_tags_name_the_pipeline_run(monkeypatch):
     assert tracking.context_tags() == {"kfp.run_id": "run-7f3", "dvc.exp_name": "sulky-doze"}
 
 
+def test_the_runs_page_is_the_ui_in_its_model_training_mode():
+    """MLflow 3.17's UI reads `workflowType` from the address (mlflow/server/js: "machine_learning" is
+    its "Model training" switch); without it an experiment opens on the GenAI overview."""
+    ui = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    assert any('MACHINE_LEARNING="machine_learning"' in f.read_text(errors="ignore") for f in ui.glob("main.*.js"))
+    assert tracking.runs_page("7", "http://host:5000/") == (
+        "http://host:5000/#/experiments/7/runs?workflowType=machine_learning")
+
+
+def test_mlflow_download_bars_are_off_off_a_terminal_unless_the_environment_says(monkeypatch):
+    """`make run`'s log, `dvc repro`, a pod: MLflow's artifact bars would be a line per frame there."""
+    bar = mlflow.environment_variables.MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, env, shown in ((io.StringIO(), None, False), (Terminal(), None, True), (io.StringIO(), "true", True)):
+        monkeypatch.setenv(bar.name, "")
+        monkeypatch.delenv(bar.name)
+        if env is not None:
+            monkeypatch.setenv(bar.name, env)
+        monkeypatch.setattr(sys, "stderr", stream)
+        cli.quiet_off_terminal()
+        assert bar.get() is shown, (stream, env)
+
+
 def test_a_data_version_is_the_dataset_digest():
     md5 = "87531ab04cff36c47da29bf5b3817baf.dir"
     assert tracking.dataset_digest(md5) == md5  # 36 characters: fits MLflow's digest column
@@ -139,8 +179,12 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     client = MlflowClient(mlflow_s3_server.url)
     run = client.get_run(run_info["run_id"])
     assert run.info.status == "FINISHED"
-    # the whole resolved config as params
-    assert set(cfg.flat()) <= set(run.data.params)
+    # the run's real settings as params (what its weights depend on), not every other stage's knobs
+    assert set(run.data.params) == set(run_params(cfg, 1))
+    assert "tracking.uri" not in run.data.params and "data.synth.classes" not in run.data.params
+    assert run.data.tags["machine.threads"] == "1" and run.data.tags["machine.cpu_kernels"]  # what else moves results
+    experiment = client.get_experiment(run.info.experiment_id)  # MLflow's kind for model training
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert run.data.params["model.kind"] == "tasn" and run.data.params["train.max_steps"] == "2"
     assert run.data.tags[tracking.GIT_COMMIT_TAG] == lineage.git_commit() and "data.version" in run.data.tags
     assert "git.commit" not in run.data.tags  # MLflow's own tag, not a duplicate
@@ -151,6 +195,7 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
                  "loss_distill", "lr", "images_per_s", "val_loss", "top1",
                  "attention_top1", "part_top1", "master_top1", "part_aux_top1", "master_aux_top1"):
         assert name in run.data.metrics, name
+    assert "epoch" not in run.data.metrics  # every metric is against the step
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     # pictures
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "attention")]
@@ -167,6 +212,8 @@ def test_training_run_is_fully_tracked_on_mlflow_with_s3(mlflow_s3_server, smoke
     local_model, _ = checkpoint.load_model(str(out / MODEL))
     for key, value in checkpoint.load_checkpoint(ckpt)["model"].items():
         assert torch.equal(value, local_model.state_dict()[key]), key
+    # the logged model is named as the registered model it becomes versions of
+    assert client.get_logged_model(run_info["model_uri"].rsplit("/", 1)[-1]).name == cfg.register.model_name
     # the logged model loads (weights only) and predicts like model.pt does
     predictor = load_predictor(run_info["model_uri"]).predictor
     assert isinstance(predictor, Predictor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
 
 from tasn.config import DEFAULT_PARAMS, PROFILES_DIR, Config, find_params, load_config
@@ -27,6 +28,23 @@ def common_parser() -> argparse.ArgumentParser:
         help="override one value (repeatable), e.g. -S train.lr=0.05",
     )
     return common
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type` for a whole number in [low, high]: anything else is a usage error
+    (exit 2) naming the flag's value and the range, not a traceback from deep in a stage."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:50]!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range {low}..{high}")
+        return value
+
+    parse.__name__ = "whole number"  # what argparse calls the type in its messages
+    return parse
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -1,6 +1,7 @@
 """Data commands: `tasn data fashion|synth|details|import-cub|import-folder`, `tasn validate`, `tasn preprocess`.
 
-Each prints its stage's summary as JSON on stdout. Handlers import their stage module when run
+Each prints its stage's summary as JSON on stdout (validate's without the rules that passed: they
+are in its summary.json and report.html). Handlers import their stage module when run
 (see tasn.commands).
 """
 
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
+from typing import Any
 
-from tasn.commands.common import Subparsers, config_from_args, print_json
-from tasn.config.schema import DEFAULT_MAX_PIXELS
+from tasn.commands.common import Subparsers, bounded_int, config_from_args, print_json
+from tasn.config.schema import DEFAULT_MAX_PIXELS, MAX_PIXELS, MAX_SEED, MAX_WORKERS
 
 
 def _generator(name: str):
@@ -47,8 +50,19 @@ def _validate(args: argparse.Namespace) -> int:
     if args.write_suite:
         print_json([str(p) for p in write_suite(cfg.validate, args.write_suite)])
         return 0
-    print_json(validate(args.data or cfg.data.raw, args.report_dir or cfg.data.validated, cfg.validate).summary)
+    result = validate(args.data or cfg.data.raw, args.report_dir or cfg.data.validated, cfg.validate)
+    print_json(validation_brief(result.summary, result.report_dir))
     return 0
+
+
+def validation_brief(summary: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+    """What a person reads of a passed validation: the counts, how many rules passed and where
+    the details are (summary.json holds every rule; a failure is raised with its offenders)."""
+    from tasn.data.validate import REPORT, SUMMARY
+
+    rules = summary.get("rules", [])
+    return {**{k: v for k, v in summary.items() if k != "rules"}, "rules_passed": sum(r["passed"] for r in rules),
+            "report": str(report_dir / REPORT), "details": str(report_dir / SUMMARY)}
 
 
 def _preprocess(args: argparse.Namespace) -> int:
@@ -63,9 +77,10 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     data = sub.add_parser("data", help="create or import a raw dataset (CUB-200-2011 layout)")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     workers = argparse.ArgumentParser(add_help=False)
-    workers.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
+    workers.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=0,
+                         help="processes (0 = one per core)")
     limits = argparse.ArgumentParser(add_help=False)
-    limits.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    limits.add_argument("--max-pixels", type=bounded_int(1, MAX_PIXELS), default=DEFAULT_MAX_PIXELS,
                         help="refuse images of more pixels than this (default: %(default)s, as validate.max_pixels)")
 
     for name, what in (("fashion", "the embedded default: Fashion-MNIST garments placed small in cluttered canvases"),
@@ -89,7 +104,8 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically)")
     p.add_argument("--test-fraction", type=float, default=0.25,
                    help="share of each class held out for test (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0,
+                   help="seed of the split (default: %(default)s)")
     p.set_defaults(func=_import_folder)
 
     p = sub.add_parser("validate", parents=[common],

@@ -12,11 +12,10 @@ from tasn.commands.common import Subparsers, config_from_args, print_json
 
 def _evaluate(args: argparse.Namespace) -> int:
     from tasn.evaluate import evaluate
-    from tasn.tracking import RunInfo
 
     cfg = config_from_args(args)
-    run_id = args.run_id or (RunInfo.read(args.run_json, "--run-json").run_id if args.run_json else None)
-    print_json(evaluate(cfg, args.data or cfg.data.prepared, args.model, args.out, run_id=run_id).metrics)
+    print_json(evaluate(cfg, args.data or cfg.data.prepared, args.model, args.out, run_id=args.run_id,
+                        run_json=args.run_json).metrics)
     return 0
 
 
@@ -30,5 +29,6 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/evaluate", help="output directory (default: %(default)s)")
     run = p.add_mutually_exclusive_group()
     run.add_argument("--run-id", default=None, help="MLflow run to log the results to")
-    run.add_argument("--run-json", default=None, help="the run file of `tasn train`, whose run gets the results")
+    run.add_argument("--run-json", default=None,
+                     help="the run file of `tasn train`, whose run gets the results (its model must be --model)")
     p.set_defaults(func=_evaluate)

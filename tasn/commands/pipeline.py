@@ -102,14 +102,24 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run_local(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
     from pipelines.runner import run_local
     from tasn.redact import redact_uri
+    from tasn.tracking import runs_page
 
     cfg = config_from_args(args)  # checks params, profile and overrides before any task starts
     result = run_local(args.data or cfg.data.raw, find_params(args.params), args.profile, args.overrides,
                        args.pipeline_root, cache=args.cache, work_uri=args.work_uri)
-    print(f"pipeline finished in {result['seconds']:.0f} s; task outputs under {result['pipeline_root']}")
+    print(f"pipeline finished in {result['seconds']:.0f} s; task outputs under {result['pipeline_root']}, "
+          f"their whole logs in {result['log']}")
     print(f"look at the runs and the registry: mlflow ui --backend-store-uri {redact_uri(result['tracking_uri'])}")
+    try:  # the address of the runs table is a courtesy: a server gone after the run costs nothing
+        experiment = MlflowClient(result["tracking_uri"]).get_experiment_by_name(cfg.tracking.experiment)
+    except Exception:
+        experiment = None
+    if experiment is not None:
+        print(f"  then open {runs_page(experiment.experiment_id)} (experiment {cfg.tracking.experiment!r})")
     return 0
 
 

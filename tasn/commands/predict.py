@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from tasn.commands.common import Subparsers, config_from_args, print_json
+from tasn.commands.common import Subparsers, bounded_int, config_from_args, print_json
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -30,6 +30,6 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", required=True, metavar="URI",
                    help="e.g. models:/tasn@staging, runs:/ID/model, or a model.pt")
-    p.add_argument("--topk", type=int, default=5, help="classes per image (default: %(default)s)")
+    p.add_argument("--topk", type=bounded_int(1, 1000), default=5, help="classes per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
     p.set_defaults(func=_predict)

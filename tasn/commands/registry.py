@@ -58,7 +58,8 @@ def _history_table(hist: dict[str, Any]) -> list[str]:
         if r.get("incumbent") is not None:
             metric += f" vs {r['incumbent']:.4g}"
         rows.append([str(r["seq"]), r["when"], r["alias"], r["version"], str(r.get("previous") or "-"),
-                     r["who"], metric, ("FORCED " if r.get("forced") else "") + r["why"]])
+                     r["who"], metric, ("WITHDRAWN " if r.get("withdrawn") else "")
+                     + ("FORCED " if r.get("forced") else "") + r["why"]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
 

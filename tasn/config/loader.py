@@ -21,7 +21,7 @@ import yaml
 
 from tasn.config.rules import check, coerce, field_types
 from tasn.config.schema import Config
-from tasn.errors import ConfigError
+from tasn.errors import ConfigError, shown
 from tasn.io import read_text
 
 DEFAULT_PARAMS = "params.yaml"
@@ -31,35 +31,85 @@ PROFILES_ENV = "TASN_PROFILES"  # the profiles for params handed over as text (r
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+MAX_YAML_NODES = 10_000  # values a params file, profile or -S value may hold once its aliases are expanded
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)
+    and a key that is not a plain value (a list or a mapping cannot name a setting)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(f"{self.name}:{line}: duplicate key {key!r} (first at line {seen[key]})")
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: a list or mapping used as a key
+                raise ConfigError(f"{self.name}:{line}: a key must be a name, got {shown(key)}") from None
+            if first is not None:
+                raise ConfigError(f"{self.name}:{line}: duplicate key {shown(key)} (first at line {first})")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(node: yaml.Node, name: str, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` holds with every alias expanded (each shared node counted once per
+    use, computed once): a ConfigError past MAX_YAML_NODES, or for an alias to itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ConfigError(f"{name}:{node.start_mark.line + 1}: an alias refers to the value it is part of")
+    open_.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    size = 1 + sum(_expanded_size(child, name, sizes, open_) for child in children)
+    if size > MAX_YAML_NODES:
+        raise ConfigError(f"{name}:{node.start_mark.line + 1}: expands to more than {MAX_YAML_NODES} values "
+                          "through anchors and aliases (&name / *name); a config needs far fewer")
+    open_.discard(key)
+    sizes[key] = size
+    return size
+
+
+def parse_yaml(text: str, name: str) -> Any:
+    """The value of the YAML document `text` (`name` says where it came from in errors), read
+    safely: no tags that build objects, no duplicate or unhashable keys, at most MAX_YAML_NODES
+    values once anchors and aliases are expanded (a few hundred bytes of aliases can otherwise
+    expand to gigabytes), and a clear error for nesting too deep to parse."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, name, {}, set())
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: not valid YAML: {str(exc)[:1000]}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: values nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit limit
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{name}: {shown(str(exc))}") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from `path`; an empty file is an empty mapping. Clear errors for a missing
-    file, text that is not UTF-8, invalid YAML, duplicate keys and anything that is not a mapping."""
+    file, a folder, text that is not UTF-8, invalid or oversized YAML, duplicate keys and anything
+    that is not a mapping."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
-    text = read_text(path, ConfigError)
-    try:
-        loader = _UniqueKeyLoader(text)
-        loader.name = str(path)
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = parse_yaml(read_text(path, ConfigError), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -74,7 +124,7 @@ def find_params(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
-            raise ConfigError(f"--params {path}: no such file")
+            raise ConfigError(f"--params {path}: {'is a folder, not a YAML file' if path.is_dir() else 'no such file'}")
         return path
     for default in (Path(DEFAULT_PARAMS), Path(os.environ.get(PARAMS_ENV, DEFAULT_PARAMS))):
         if default.is_file():
@@ -85,10 +135,15 @@ def find_params(explicit: str | os.PathLike[str] | None = None) -> Path | None:
 def profile_path(profile: str, params: Path | None) -> Path:
     """`NAME` -> profiles/NAME.yaml beside the params file (the working directory without one);
     a path ending in .yaml / .yml is taken as it is."""
+    if Path(profile).is_dir():
+        raise ConfigError(f"--profile {shown(profile)} is a folder: give a profile's name (profiles/NAME.yaml "
+                          f"beside the params file, e.g. {', '.join(available_profiles(params)) or 'smoke'}) "
+                          "or the path of one .yaml file")
     if profile.endswith((".yaml", ".yml")):
         return Path(profile)
     if not _PROFILE_NAME.match(profile):
-        raise ConfigError(f"profile {profile!r}: a profile is a name (profiles/NAME.yaml) or a path to a .yaml file")
+        raise ConfigError(f"profile {shown(profile)}: a profile is a name (profiles/NAME.yaml) or a path to a "
+                          ".yaml file")
     return (params.parent if params is not None else Path()) / PROFILES_DIR / f"{profile}.yaml"
 
 
@@ -101,7 +156,7 @@ def read_profile(profile: str, params: Path | None) -> dict[str, Any]:
     path = profile_path(profile, params)
     if not path.is_file():
         known = ", ".join(available_profiles(params)) or "none"
-        raise ConfigError(f"profile {profile!r} is not in {path.parent} (profiles: {known})")
+        raise ConfigError(f"profile {shown(profile)} is not in {path.parent} (profiles: {known})")
     return read_yaml(path)
 
 
@@ -124,18 +179,14 @@ def write_params(text: str, folder: Path) -> Path:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.05` -> (["train", "lr"], 0.05); the value is read as YAML."""
+    """`train.lr=0.05` -> (["train", "lr"], 0.05); the value is read as YAML (`parse_yaml`)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value")
+        raise ConfigError(f"override {shown(text)}: expected section.key=value")
     key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if len(path) < 2:
-        raise ConfigError(f"override {text!r}: the key must name a section, e.g. train.lr=0.05")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
-    return path, value
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(p.strip() for p in path):
+        raise ConfigError(f"override {shown(text)}: the key must name a section and a key, e.g. train.lr=0.05")
+    return path, parse_yaml(raw, f"override {shown(text)}")
 
 
 def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -154,19 +205,19 @@ def _apply_override(raw: dict[str, Any], text: str) -> None:
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {text!r}: {k} is not a section")
+            raise ConfigError(f"override {shown(text)}: {shown(k)} is not a section")
     node[keys[-1]] = value
 
 
 def build(cls: type, data: Any, prefix: str = "") -> Any:
     """A config dataclass from a mapping: unknown keys and wrong values are named."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown(data)}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s}; known keys of {prefix.rstrip('.') or 'config'}: "
+            f"unknown key {prefix}{str(unknown[0])[:100]}; known keys of {prefix.rstrip('.') or 'config'}: "
             + ", ".join(sorted(known))
         )
     hints = field_types(cls)

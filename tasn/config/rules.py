@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from tasn import storage
-from tasn.errors import ConfigError
+from tasn.errors import ConfigError, shown
 
 
 @dataclass(frozen=True)
@@ -66,30 +66,30 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         value = coerce(value, base, name)
         for rule in meta:
             if isinstance(rule, Range) and not rule.holds(value):
-                raise ConfigError(f"{name}: must be {rule.describe()}, got {value!r}")
+                raise ConfigError(f"{name}: must be {rule.describe()}, got {shown(value)}")
         return value
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{name}: {shown(value)} is not one of {', '.join(map(str, allowed))}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
+            raise ConfigError(f"{name}: expected a list, got {shown(value)}")
         return [coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+            raise ConfigError(f"{name}: expected true or false, got {shown(value)}")
         return value
     if tp is float:
         if not _is_number(value):
-            raise ConfigError(f"{name}: expected float, got {value!r}")
+            raise ConfigError(f"{name}: expected float, got {shown(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{name}: must be a finite number, got {shown(value)}")
         return float(value)
     if tp in (int, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {shown(value)}")
     if tp is str and storage.is_s3(value):  # any path-like value may be an object-store URI
         problem = storage.s3_problem(value)
         if problem:

@@ -11,6 +11,7 @@ is ResNet-50 + ResNet-18 at 512 -> 224), for use without any config.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, get_args
@@ -26,9 +27,11 @@ from tasn.choices import (
     ModelKind,
     Optimizer,
     PretrainedWeights,
+    RegisterWhen,
     Schedule,
 )
 from tasn.config.rules import Range
+from tasn.errors import shown
 
 MAX_SIDE = 8192  # largest image side any knob may ask for: 16x the authors' 512, 200 MB decoded
 MAX_WORKERS = 512
@@ -81,7 +84,7 @@ class FashionConfig:
 
     def relations(self) -> Iterator[str]:
         if len(set(self.classes)) < 2 or len(set(self.classes)) != len(self.classes):
-            yield f"classes: need at least 2 distinct names, got {self.classes}"
+            yield f"classes: need at least 2 distinct names, got {shown(self.classes)}"
         if self.item_min > self.item_max:
             yield f"item_min ({self.item_min}) is larger than item_max ({self.item_max})"
         if self.side < 2 * (FASHION_CROP_MARGIN + 1.2 * self.item_max) + 2:
@@ -260,6 +263,18 @@ class RegisterConfig:
     # `tasn register --promote` (the dvc.yaml stage) runs the staging gate; false: register only.
     # A DVC experiment (`dvc exp run`) never runs it, whatever this says.
     promote: bool = True
+    # Which runs become versions (tasn.registry.stage.registers): auto = all but a DVC experiment's,
+    # which registers only when asked (`dvc exp run -S register.enabled=true`); true; false.
+    enabled: RegisterWhen = "auto"
+
+    def relations(self) -> Iterator[str]:
+        """The names MLflow's registry refuses, refused here before any work (its own rules)."""
+        if not self.model_name.strip() or any(c in self.model_name for c in "/:"):
+            yield f"model_name: {shown(self.model_name)} is not a registered model name (not blank, no '/' or ':')"
+        if not re.fullmatch(r"[\w\-]{1,255}", self.alias) or self.alias.lower() == "latest" or re.fullmatch(
+                r"[vV]\d+", self.alias):
+            yield (f"alias: {shown(self.alias)} is not an alias MLflow takes (letters, digits, '_' and '-'; "
+                   "not 'latest' or v<number>, which MLflow reserves)")
 
 
 @dataclass
@@ -271,6 +286,10 @@ class TrackingConfig:
     s3_endpoint: str = ""  # else MLFLOW_S3_ENDPOINT_URL / AWS_ENDPOINT_URL from the environment
     system_metrics: bool = True
     enabled: bool = True  # false: no MLflow at all (offline runs, mechanical tests)
+    # MLflow's HTTP client (MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES, unless the environment sets them):
+    # a server that is down costs one call at most about (retries + 1) x timeout + 7 s of backoff (~90 s)
+    request_timeout: Annotated[int, Range(ge=1, le=600)] = 20  # seconds per request
+    request_retries: Annotated[int, Range(ge=0, le=10)] = 3  # of a failed connection, 429 or 5xx (never a 4xx)
 
 
 @dataclass

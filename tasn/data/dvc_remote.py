@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from tasn.errors import DataError
-from tasn.io import path_problem
+from tasn.paths import path_problem
 
 
 def _object(remote: Path, digest: str) -> Path:
@@ -38,7 +38,7 @@ def listing(dvc_file: str | os.PathLike, remote: str | os.PathLike) -> list[dict
 def materialize(dvc_file: str | os.PathLike, remote: str | os.PathLike, dest: str | os.PathLike,
                 keep=lambda relpath: True) -> Path:
     """Copy the tracked folder's files for which `keep(relpath)` holds under `dest`, each path
-    checked to stay inside `dest` (`tasn.io.path_problem`). Copies, not hard links: a file written
+    checked to stay inside `dest` (`tasn.paths.path_problem`). Copies, not hard links: a file written
     to later must not change the remote's object. Returns `dest`."""
     remote, dest = Path(remote), Path(dest)
     for entry in listing(dvc_file, remote):

@@ -56,18 +56,22 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
 _ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError)
 
 
-def _open(path: Path) -> Image.Image:
-    """Image.open (the header only) with every way it can fail turned into a DataError."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise DataError(f"{path}: file is missing") from None
+def _open(path: Path, data: bytes | None = None) -> Image.Image:
+    """Image.open (the header only) of the file at `path`, or of `data` (the bytes of one, `path`
+    then only naming it), with every way it can fail turned into a DataError."""
+    if data is None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"{path}: file is missing") from None
+    else:
+        size = len(data)
     if size == 0:
         raise DataError(f"{path}: file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)
+            return Image.open(path if data is None else io.BytesIO(data))
     except _ERRORS as exc:
         raise _unreadable(path, exc) from None
 
@@ -88,14 +92,15 @@ def too_large(header: Header, max_pixels: int) -> str | None:
 
 
 def decode(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, at_least: int | None = None,
-           limit_key: str = "max_pixels") -> Image.Image:
+           limit_key: str = "max_pixels", data: bytes | None = None) -> Image.Image:
     """Fully decode `path` (EXIF orientation not yet applied); DataError says why it cannot be.
 
     An image of more than `max_pixels` (named `limit_key` in the error) is refused before decoding.
     With `at_least`, a JPEG may be decoded at a reduced scale whose sides stay >= `at_least` px.
+    With `data`, those bytes are decoded instead of the file, and `path` only names them.
     """
     path = Path(path)
-    with _open(path) as img:
+    with _open(path, data) as img:
         reason = too_large(Header(img.width, img.height, img.mode), max_pixels)
         if reason:
             raise DataError(f"{path}: {reason} ({limit_key})")

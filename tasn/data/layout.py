@@ -10,10 +10,12 @@ Anything else in the tree (bounding_boxes.txt, parts/, attributes/) is ignored: 
 image-level labels only. `read_layout` is lenient about *content* (duplicate ids, labels out of
 range, missing files are left for the validation suite to report with every offender named) but
 strict about *form*, with a DataError naming the file and line: tables are UTF-8 (`tasn.io.read_text`
-names the encoding they look like otherwise), every line parses, every path stays inside images/
-(`tasn.io.path_problem`: a table cannot make a stage read or write elsewhere), images.txt and
-classes.txt are not empty, and each class id and class directory is listed once. `check_layout` is
-the strict gate used by stages that must not run on a broken tree.
+names the encoding they look like otherwise) and lie in the tree (not linked from outside it),
+every line parses, every path and every file name on disk passes `tasn.paths.path_problem` (it
+stays inside images/, has no link loop, is a name a table can hold: a table cannot make a stage
+read or write elsewhere), images.txt and classes.txt are not empty, and each class id and class
+directory is listed once. `check_layout` is the strict gate used by stages that must not run on a
+broken tree.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from tasn.errors import DataError
-from tasn.io import path_problem, read_text
+from tasn.io import read_text
+from tasn.paths import path_problem
 
 IMAGES_TXT = "images.txt"
 LABELS_TXT = "image_class_labels.txt"
@@ -82,6 +85,9 @@ def _read_pairs(path: Path, value_kind: str) -> list[_Line]:
     (paths may not hold spaces). A line that does not parse is a DataError naming file and line."""
     if not path.is_file():
         raise DataError(f"{path}: missing (a CUB-layout dataset needs {', '.join(TABLES)})")
+    problem = path_problem(path.parent, path.name)
+    if problem:  # a table linked from elsewhere: its lines (and this error's quotes of them) are not the dataset's
+        raise DataError(f"{path}: {problem}")
     lines = []
     for number, line in enumerate(read_text(path, DataError).split("\n"), 1):
         parts = line.split()  # spaces or tabs; a CRLF's \r is whitespace too

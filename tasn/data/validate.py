@@ -15,9 +15,10 @@ The suite as great-expectations users keep it: one GX suite file per table under
 (`tasn validate --write-suite`; tests/test_gx_suite.py fails when the files are not current), so a
 change of a rule or a bound shows up in review as a diff of the suite. Values known only from the
 data (the class ids of classes.txt) are GX suite parameters (`{"$PARAMETER": "class_ids"}`). Each
-run renders its results as GX Data Docs (`data_docs/index.html`); `report.html` is the page to open
-first: the verdict, each rule with its offenders explained, and what Data Docs cannot show (the
-picture of image sizes and class balance, the per-class counts), linking to the Data Docs pages.
+run renders its results as GX Data Docs (`data_docs/index.html`, which open offline: tasn.offline);
+`report.html` is the page to open first: the verdict, each rule with its offenders explained, and
+what Data Docs cannot show (the picture of image sizes and class balance, the per-class counts),
+linking to the Data Docs pages.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from tasn.data.layout import IMAGES_TXT, LABELS_TXT, SPLIT_TXT, read_layout
 from tasn.data.manifest import build_manifest
 from tasn.errors import DataError
 from tasn.io import atomic_dir, atomic_write_json, atomic_write_text, check_apart, sweep_temps
+from tasn.offline import localize_site
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 50  # offenders spelled out per rule in the error message (all are in the report)
@@ -248,6 +250,7 @@ class SuiteRun:
             "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(dest.resolve())}})
         self.context.build_data_docs(site_names=[SITE])
+        localize_site(dest)  # the pages load their scripts and styles from the site, not from CDNs
 
 
 def run_suite(tables: dict[str, pd.DataFrame], suite_rules: list[Rule],

@@ -15,20 +15,29 @@ import torch.nn as nn
 import torchvision
 
 from tasn.choices import BACKBONES, IMAGENET_WEIGHTS
+from tasn.errors import ConfigError, TASNError, shown
 from tasn.storage import read_bytes
 
 log = logging.getLogger(__name__)
+
+
 def _state_dict_from(source: str) -> dict[str, torch.Tensor]:
-    """A state dict from a local path or an s3:// URI (a plain state dict or {"model": ...})."""
-    if source.startswith("s3://"):
+    """A state dict from a local path or an s3:// URI (a plain state dict or {"model": ...});
+    a ConfigError naming the file when it is not one torch can read without running code."""
+    if not source.startswith("s3://") and not Path(source).is_file():
+        raise FileNotFoundError(f"pretrained weights: no file at {source}")
+    try:
         state = torch.load(io.BytesIO(read_bytes(source)), map_location="cpu", weights_only=True)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights: no file at {source}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, TASNError):  # no such object, no access: said by storage already
+        raise
+    except Exception as exc:  # pickle, zip and torch raise many types for a file that is not a state dict
+        raise ConfigError(f"pretrained weights {source!r}: not a state dict torch can read "
+                          f"({shown(str(exc))})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ConfigError(f"pretrained weights {source!r}: not a state dict (name -> tensor), "
+                          f"got {type(state).__name__}")
     return state
 
 
@@ -104,10 +113,10 @@ def build_resnet(arch: str, pretrained: str = "none", zero_init_residual: bool =
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"pretrained weights {pretrained!r} do not fit {arch}: {str(exc)[:300]}") from exc
+        raise ConfigError(f"pretrained weights {pretrained!r} do not fit {arch}: {shown(str(exc))}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"pretrained weights {pretrained!r} do not fit {arch}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )

@@ -3,8 +3,11 @@
 Aliases (`staging`, `production`), never the deprecated stages. Every promotion writes a history
 record (who, when, why, the previous holder, both metric values) as a version tag
 `promotion.<seq>` holding JSON; `seq` is a per-model sequence number handed out under the lock, so
-`tasn.registry.history` reads the promotions back in the order they happened. After moving the
-alias the holder is read back, which catches anyone moving it without the lock (e.g. by hand).
+`tasn.registry.history` reads the promotions back in the order they happened. The record is
+written before the alias moves, and every promotion first withdraws the record of one that was
+killed between the two (`tasn.registry.history.mend`), so the history never stays inconsistent
+past the next run. After moving the alias the holder is read back, which catches anyone moving it
+without the lock (e.g. by hand).
 The descriptions follow: the promoted version gets a line saying how it was promoted, the previous
 holder one saying the alias moved on, and the registered model's says who holds what now.
 """
@@ -19,10 +22,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import RegisteredModel
+from mlflow.exceptions import MlflowException
 
 from tasn.errors import RegistryError, ServiceError
 from tasn.registry import describe
 from tasn.registry.gate import Outcome, judge, require_reason
+from tasn.registry.history import mend
 from tasn.registry.lock import Lease, promotion_lock
 from tasn.registry.tags import DATA_VERSION_TAG, PRODUCTION, PROMOTION_TAG, SEQ_TAG, UNKNOWN
 from tasn.registry.versions import (
@@ -85,6 +91,8 @@ def gate(
     mv = get_version(mc, name, version)
     candidate = standing(mv, primary_metric, required=not force)
     with promotion_lock(mc, name) if not dry_run else contextlib.nullcontext() as lease:
+        if lease is not None:
+            mend(mc, name, lease.model)
         holder = alias_holder(mc, name, alias)
         incumbent = standing(holder, primary_metric) if holder is not None else None
         verdict = judge(candidate, incumbent, alias=alias, primary_metric=primary_metric, forced=forced)
@@ -117,6 +125,8 @@ def to_production(
     """
     mc = mlflow_client or client()
     with promotion_lock(mc, name) if not dry_run else contextlib.nullcontext() as lease:
+        if lease is not None:
+            mend(mc, name, lease.model)
         staged = alias_holder(mc, name, source_alias)
         if staged is None:
             raise RegistryError(f"no version of {name!r} holds {source_alias!r}: promote one to {source_alias} first")
@@ -141,19 +151,19 @@ def to_production(
     return decision
 
 
-def _next_seq(mc: MlflowClient, name: str) -> int:
-    seq = int(mc.get_registered_model(name).tags.get(SEQ_TAG, "0")) + 1
+def _next_seq(mc: MlflowClient, name: str, model: RegisteredModel | None = None) -> int:
+    seq = int((model or mc.get_registered_model(name)).tags.get(SEQ_TAG, "0")) + 1
     mc.set_registered_model_tag(name, SEQ_TAG, str(seq))
     return seq
 
 
 def _move_alias(mc: MlflowClient, decision: Decision, run_id: str | None, lease: Lease | None) -> Decision:
-    """Set the alias, record the promotion on the version, and check the alias stayed put.
-    Call under the promotion lock (`lease`, checked still ours first). Returns the decision, applied."""
-    if lease is not None:
-        lease.verify()
-    seq = _next_seq(mc, decision.name)
-    mc.set_registered_model_alias(decision.name, decision.alias, decision.version)
+    """Record the promotion on the version, then set the alias, and check the alias stayed put.
+    Call under the promotion lock (`lease`, checked still ours first). The record goes first so that
+    a kill between the two leaves a record of a move that did not happen, which the next promotion
+    withdraws (`tasn.registry.history.mend`), never an alias moved with no record of why. Returns
+    the decision, applied."""
+    seq = _next_seq(mc, decision.name, lease.verify() if lease is not None else None)
     record = {
         "seq": seq,
         "alias": decision.alias,
@@ -169,8 +179,13 @@ def _move_alias(mc: MlflowClient, decision: Decision, run_id: str | None, lease:
         "data_version": decision.data_version,
         "run_id": run_id,
     }
-    mc.set_model_version_tag(decision.name, decision.version, f"{PROMOTION_TAG}{seq:06d}",
-                             json.dumps(record, sort_keys=True))
+    try:
+        mc.set_model_version_tag(decision.name, decision.version, f"{PROMOTION_TAG}{seq:06d}",
+                                 json.dumps(record, sort_keys=True))
+        mc.set_registered_model_alias(decision.name, decision.alias, decision.version)
+    except MlflowException as exc:
+        raise ServiceError(f"MLflow refused to move {decision.alias!r} of {decision.name!r} to version "
+                           f"{decision.version}: {exc.message}") from exc
     holder = alias_holder(mc, decision.name, decision.alias)
     if holder is None or str(holder.version) != decision.version:
         raise ServiceError(

@@ -25,6 +25,7 @@ from tasn.registry.gate import Standing
 from tasn.registry.tags import DATA_VERSION_TAG, GIT_COMMIT_TAG, METRIC_TAG, RUN_ID_TAG, UNKNOWN, metric_tags
 
 log = logging.getLogger(__name__)
+ATTEMPT_TAG = "register.attempt"  # the registration attempt that made a version (tasn.registry.stage)
 
 
 def client(tracking_uri: str | None = None) -> MlflowClient:
@@ -60,22 +61,27 @@ def register_version(
     primary_metric: str = "master_aux_top1",
     data_version_tag: str = tracking.DATA_VERSION_TAG,
     git_commit_tags: tuple[str, ...] = ("git.commit", tracking.GIT_COMMIT_TAG),
+    attempt: str | None = None,
 ) -> ModelVersion:
-    """Register `model_uri` (logged by run `run_id`) as a new version of `name`, tagged with the
-    metrics, the data version (the run's tag `data_version_tag`, set by `tasn train`), the git
-    commit (the run's `git.commit` tag, which runs logged before MLflow's own tag was set
-    explicitly carry, else `mlflow.source.git.commit`, else this checkout's HEAD) and the run's
-    Kubeflow run / DVC experiment tags; described in words (`describe.version_description`, with
-    `primary_metric` as the headline), and the registered model's description brought up to date."""
+    """Register `model_uri` (logged by run `run_id`) as a new version of `name`, tagged with its
+    `primary_metric` (what the gate compares; `tasn.registry.tags`), the data version (the run's
+    tag `data_version_tag`, set by `tasn train`), the git commit (the run's `git.commit` tag,
+    which runs logged before MLflow's own tag was set explicitly carry, else
+    `mlflow.source.git.commit`, else this checkout's HEAD) and the run's Kubeflow run / DVC
+    experiment tags; described in words (`describe.version_description`, with `primary_metric` as
+    the headline), and the registered model's description brought up to date. Idempotent: the
+    version a KFP run, or the registration `attempt` (`tasn.registry.stage`), registered for this
+    run before is returned instead of a second one."""
     mc = client()
     try:
         run = mc.get_run(run_id)
     except MlflowException as exc:
         raise RegistryError(f"run {run_id!r} not found on {mc.tracking_uri}: {exc.message}") from exc
     run_tags = run.data.tags
-    tags = metric_tags(metrics)
+    tags = metric_tags(metrics, keys=(primary_metric,))  # the gate's; the rest are on the LoggedModel (tags.py)
     if not tags:
-        raise RegistryError(f"no numeric metrics to register for run {run_id} (got keys {sorted(metrics)})")
+        raise RegistryError(f"no numeric {primary_metric} (register.primary_metric) to register for run {run_id} "
+                            f"(got keys {sorted(metrics)})")
     tags[DATA_VERSION_TAG] = run_tags.get(data_version_tag) or UNKNOWN
     commit = next((run_tags[t] for t in git_commit_tags if run_tags.get(t)), None)
     tags[GIT_COMMIT_TAG] = commit or lineage.git_commit() or UNKNOWN
@@ -84,12 +90,16 @@ def register_version(
     kfp_run = os.environ.get(lineage.KFP_RUN_ID_ENV)
     if kfp_run:  # a pipeline task, which KFP may retry after it registered: no second version
         context[lineage.KFP_RUN_TAG] = kfp_run
-        earlier = registered_in_run(mc, name, run_id, kfp_run)
+    again = {k: v for k, v in ((lineage.KFP_RUN_TAG, kfp_run), (ATTEMPT_TAG, attempt)) if v}
+    for key, value in again.items():
+        earlier = registered_before(mc, name, run_id, key, value)
         if earlier is not None:
-            log.info("run %s is registered as %s version %s in KFP run %s already: reusing it", run_id, name,
-                     earlier.version, kfp_run)
+            log.info("run %s is registered as %s version %s already (%s %s): reusing it", run_id, name,
+                     earlier.version, key, value)
             return earlier
     tags.update(context)
+    if attempt:
+        tags[ATTEMPT_TAG] = attempt
     try:
         mv = mlflow.register_model(model_uri, name, tags=tags)
         text = describe.version_description(
@@ -104,10 +114,11 @@ def register_version(
     return mv
 
 
-def registered_in_run(mc: MlflowClient, name: str, run_id: str, kfp_run: str) -> ModelVersion | None:
-    """The version of `name` that KFP run `kfp_run` registered for training run `run_id`, if any."""
+def registered_before(mc: MlflowClient, name: str, run_id: str, tag: str, value: str) -> ModelVersion | None:
+    """The first version of `name` registered for training run `run_id` with version tag `tag` =
+    `value` (the KFP run that registered it, or the registration attempt), if any."""
     found = [mv for mv in mc.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-             if mv.tags.get(lineage.KFP_RUN_TAG) == kfp_run]
+             if mv.tags.get(tag) == value]
     return min(found, key=lambda mv: int(mv.version)) if found else None
 
 

@@ -233,9 +233,9 @@ class Loop:
         primary = self.net.primary_head
         log.info("epoch %d: train loss %.4f, val loss %.4f, %s top-1 %.3f", epoch, train_loss,
                  metrics["val_loss"], primary, metrics[f"{primary}_top1"])
-        if self.run is not None:
-            self.run.log_metrics({**metrics, "top1": metrics[f"{primary}_top1"], "train_loss": train_loss,
-                                  "epoch": epoch}, step=self.pos.step)
+        if self.run is not None:  # against the step, as every metric of the run: the epoch is no metric
+            self.run.log_metrics({**metrics, "top1": metrics[f"{primary}_top1"], "train_loss": train_loss},
+                                 step=self.pos.step)
         if self.ctx.is_main:
             self.draw(pictures, out_dir)
         if self.pos.batch >= epoch_batches:  # a whole epoch: the next one starts

@@ -11,19 +11,21 @@ the data version preprocess recorded) is this run's own, unless `train.force_res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
-from tasn import checkpoint, distributed, lineage, tracking
+from tasn import checkpoint, distributed, lineage, storage, tracking
 from tasn.config import Config, check
 from tasn.data.preprocess import SUMMARY
-from tasn.errors import DataError, TASNError
-from tasn.io import check_apart
+from tasn.errors import ConfigError, DataError, TASNError
+from tasn.io import check_apart, output_lock
 from tasn.model import build_loss, build_model
 from tasn.model.sampler import implementation as sampler_implementation
 from tasn.training import batch
@@ -50,13 +52,16 @@ def train(cfg: Config, data_dir: str | os.PathLike[str], out_dir: str | os.PathL
     if not data.is_dir():
         raise DataError(f"--data {data}: no such directory (run `tasn preprocess` first)")
     check_apart(data, out, DataError, "--out")
+    if cfg.train.checkpoint_dir and not storage.is_s3(cfg.train.checkpoint_dir):
+        check_apart(data, cfg.train.checkpoint_dir, ConfigError, "train.checkpoint_dir")
     ctx = distributed.init()
     if not ctx.is_main:
         logging.getLogger("tasn").setLevel(logging.WARNING)
-    try:
-        if ctx.is_main and cfg.tracking.enabled:
-            tracking.setup(cfg.tracking)  # fail fast, before any data or model work
-        return _train(cfg, data, out, resume or cfg.train.resume, ctx)
+    try:  # rank 0 holds --out: a second `tasn train` into it refuses, naming this one
+        with output_lock(out) if ctx.is_main else contextlib.nullcontext():
+            if ctx.is_main and cfg.tracking.enabled:
+                tracking.setup(cfg.tracking)  # fail fast, before any data or model work
+            return _train(cfg, data, out, resume or cfg.train.resume, ctx)
     finally:
         distributed.cleanup()
 
@@ -143,11 +148,14 @@ def warn(loop: Loop, message: str | None) -> None:
 
 def resume_from(loop: Loop, resume: str) -> None:
     """Continue from the checkpoint `resume` picks (tasn.checkpoint.resume_source), if its
-    fingerprint is this run's (or `train.force_resume`). Rank 0 picks it; every rank loads it and
-    checks the fingerprint, so a refusal stops every rank, not only the first."""
+    fingerprint is this run's (or `train.force_resume`); `never` starts afresh and clears the
+    checkpoint folder of an earlier run's. Rank 0 picks it; every rank loads it and checks the
+    fingerprint, so a refusal stops every rank, not only the first."""
     ctx = loop.ctx
     if ctx.is_main:
         checkpoint.sweep_temporaries(loop.ckpt_dir)
+        if resume == "never":
+            checkpoint.clear_checkpoints(loop.ckpt_dir, loop.endpoint)
     picked = checkpoint.resume_source(resume, loop.ckpt_dir, loop.endpoint) if ctx.is_main else None
     source = distributed.broadcast_object(picked[0] if picked else None)
     if not source:
@@ -176,12 +184,36 @@ def start_run(cfg: Config, data_dir: Path, data_version: str | None, ctx: distri
         "model.kind": cfg.model.kind,
         "world_size": str(ctx.world_size),
         "device": str(ctx.device.type),
+        **machine_tags(ctx),
         **tracking.context_tags(),
     }
     if cfg.model.kind == "tasn":  # the fused CUDA op, or the reference (CPU; a GPU without the op)
         tags["sampler"] = sampler_implementation(ctx.device)
     m = cfg.model
     run = tracking.Run(cfg.tracking, tags, run_id=run_id, run_name=tracking.run_name(m.kind, m.backbone, m.out_size))
-    run.log_params({**cfg.flat(), "data.dir": str(data_dir), "world_size": ctx.world_size})
+    run.log_params(run_params(cfg, ctx.world_size))
     run.log_dataset(str(data_dir.resolve()), tags[tracking.DATA_VERSION_TAG])
     return run
+
+
+def machine_tags(ctx: distributed.Context) -> dict[str, str]:
+    """What a run's numbers depend on besides its settings and seed: the same seed gives the same
+    weights on one machine and thread count, but another CPU's kernels (instruction set, cache
+    blocking) or thread count round differently, and a few hundred steps make that a different
+    model (README, "Same seed, same result"). Tagged so two runs can be told apart in the UI."""
+    tags = {"machine.cpu": lineage.cpu_model(), "machine.threads": str(torch.get_num_threads()),
+            "machine.cpu_kernels": str(torch.backends.cpu.get_cpu_capability())}
+    if ctx.device.type == "cuda":
+        tags["machine.gpu"] = torch.cuda.get_device_name(ctx.device)
+    return tags
+
+
+def run_params(cfg: Config, world_size: int) -> dict[str, object]:
+    """The run's MLflow params: the settings its weights depend on (the checkpoint fingerprint's
+    keys: model, loss, train and preprocess, less where it saves and what it logs), where it was
+    told to stop (`train.max_steps`) and how many processes shared a step. The other stages'
+    knobs, the data generators' and the tracking settings are no part of what this run trained,
+    and the data is the run's dataset input and tags."""
+    weights = checkpoint.fingerprint(cfg, None)
+    weights.pop(checkpoint.DATA_VERSION)
+    return {**weights, "train.max_steps": cfg.train.max_steps, "world_size": world_size}
