@@ -49,6 +49,7 @@ FINGERPRINT_SECTIONS = ("model", "loss", "train", "preprocess")
 FINGERPRINT_IGNORED = frozenset({
     "train.resume", "train.force_resume", "train.checkpoint_dir", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.picture_images", "train.workers", "train.max_steps",
+    "train.chance_check",
     "preprocess.workers",
 })
 DATA_VERSION = "data.version"  # the fingerprint's data key

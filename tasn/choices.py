@@ -32,6 +32,10 @@ SamplerImpl = Literal["auto", "reference", "fused"]
 # Fashion-MNIST's labels 0-9 in its order, as directory-safe names (`tasn data fashion`'s classes).
 FashionLabel = Literal["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                        "Ankle_boot"]
+# What a details set shows at low resolution (`tasn data details`): a plain card under the textured
+# part (where to look, no label), the card and the part's own outline (one factor of the class), the
+# part alone among the clutter (its mean colour), or nothing (a zero-mean texture over the clutter).
+DetailsCue = Literal["card", "shape", "blob", "none"]
 # The optimizer: the authors' plain SGD (momentum optional), or AdamW.
 Optimizer = Literal["sgd", "adamw"]
 # The learning-rate schedule after the warm-up: x gamma at each milestone epoch, or cosine to 0.
@@ -48,6 +52,7 @@ PRETRAINED_WEIGHTS: tuple[str, ...] = get_args(PretrainedWeights)
 BATCHNORM_MODES: tuple[str, ...] = get_args(BatchNormMode)
 SAMPLER_IMPLS: tuple[str, ...] = get_args(SamplerImpl)
 FASHION_LABELS: tuple[str, ...] = get_args(FashionLabel)
+DETAILS_CUES: tuple[str, ...] = get_args(DetailsCue)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 DISTILL_TEACHERS: tuple[str, ...] = get_args(DistillTeacher)

@@ -1,14 +1,16 @@
-"""Optimizer and learning-rate schedule (tasn.training.optim): the authors' step decay, the demo's warm-up + cosine."""
+"""Optimizer, schedule and budget (tasn.training.optim): the authors' step decay, the demo's warm-up + cosine,
+the minimum step budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from tasn.config import TrainConfig
-from tasn.training.optim import LRFactor, build_optimizer, build_scheduler
+from tasn.training.optim import LRFactor, build_optimizer, build_scheduler, plan_budget
 
 
 def _lrs(t: TrainConfig, steps_per_epoch: int) -> list[float]:
@@ -56,3 +58,14 @@ def test_factor_edges_and_optimizers():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.0 and sgd.defaults["weight_decay"] == 0.0
     adamw = build_optimizer(model.parameters(), TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.05))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.05
+
+
+def test_the_budget_raises_epochs_to_the_minimum_steps_and_stretches_milestones():
+    t = TrainConfig(epochs=8, min_steps=600, schedule="step", milestones=[4, 6])
+    assert plan_budget(t, steps_per_epoch=75) == t  # 600 steps already: as configured
+    small = plan_budget(t, steps_per_epoch=28)  # 224 steps: 22 epochs of 28 = 616
+    assert (small.epochs, small.milestones) == (22, [11, 16])
+    assert small.epochs * 28 >= 600 > (small.epochs - 1) * 28
+    assert plan_budget(dataclasses.replace(t, min_steps=0), 28) == dataclasses.replace(t, min_steps=0)
+    assert plan_budget(dataclasses.replace(t, epochs=0), 28).epochs == 0  # no training asked for: none
+

@@ -1,4 +1,4 @@
-"""Data commands: `tasn data fashion|synth|import-cub|import-folder`, `tasn validate`, `tasn preprocess`.
+"""Data commands: `tasn data fashion|synth|details|import-cub|import-folder`, `tasn validate`, `tasn preprocess`.
 
 Each prints its stage's summary as JSON on stdout (validate's without the rules that passed: they
 are in its summary.json and report.html). Handlers import their stage module when run
@@ -84,7 +84,8 @@ def add_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                         help="refuse images of more pixels than this (default: %(default)s, as validate.max_pixels)")
 
     for name, what in (("fashion", "the embedded default: Fashion-MNIST garments placed small in cluttered canvases"),
-                       ("synth", "synthetic birds whose class is the texture of small parts")):
+                       ("synth", "synthetic birds whose class is the texture of small parts"),
+                       ("details", "a details set: the class is the texture (and outline) of one part")):
         p = data_sub.add_parser(name, parents=[common, workers], help=f"generate {what} (params: data.{name})")
         p.add_argument("dest", metavar="DEST", help="output directory (replaced atomically), e.g. data/raw")
         p.add_argument("--contact-sheet", default=None, metavar="PNG",

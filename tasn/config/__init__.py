@@ -26,6 +26,7 @@ from tasn.config.rules import Range, check
 from tasn.config.schema import (
     Config,
     DataConfig,
+    DetailsConfig,
     EvaluateConfig,
     FashionConfig,
     LossConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DetailsConfig",
     "EvaluateConfig",
     "FashionConfig",
     "LossConfig",

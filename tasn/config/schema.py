@@ -21,6 +21,7 @@ from tasn.choices import (
     AttentionBackbone,
     Backbone,
     BatchNormMode,
+    DetailsCue,
     DistillTeacher,
     FashionLabel,
     ModelKind,
@@ -90,6 +91,35 @@ class FashionConfig:
             yield f"side: {self.side} px is too small for garments of {self.item_max} px on their cards"
 
 
+DETAILS_TEXTURES = 8  # texture kinds of `tasn data details` (tasn.data.details.TEXTURES)
+DETAILS_SHAPES = 4  # part outlines of its `shape` cue (tasn.data.details.SHAPES)
+
+
+@dataclass
+class DetailsConfig:
+    """A details set (`tasn data details`): the class is the texture of one part, and, with the
+    `shape` cue, the part's outline too. Sizes are in pixels of the `side` x `side` canvas, which at
+    preprocess.size = side are pixels of the model's input."""
+
+    classes: Annotated[int, Range(ge=2, le=DETAILS_TEXTURES * DETAILS_SHAPES)] = 8
+    train_per_class: Annotated[int, Range(ge=1, le=100_000)] = 112
+    test_per_class: Annotated[int, Range(ge=1, le=100_000)] = 38
+    side: Annotated[int, Range(ge=64, le=MAX_SIDE)] = 192
+    period: Annotated[float, Range(ge=1.5, le=64)] = 4.0  # texture period, px
+    part_share: Annotated[float, Range(ge=0.002, le=0.25)] = 0.05  # the part's area / the canvas's
+    cue: DetailsCue = "card"
+    seed: Seed = 0
+    jpeg_quality: JpegQuality = 95
+
+    def relations(self) -> Iterator[str]:
+        most = DETAILS_TEXTURES * (DETAILS_SHAPES if self.cue == "shape" else 1)
+        if self.classes > most:
+            yield (f"classes: {self.classes} is more than the {most} the {self.cue!r} cue can tell apart "
+                   f"({DETAILS_TEXTURES} textures{f' x {DETAILS_SHAPES} outlines' if self.cue == 'shape' else ''})")
+        if self.period * 3 > self.side:
+            yield f"period: {self.period:g} px is more than a third of side ({self.side} px)"
+
+
 @dataclass
 class DataConfig:
     raw: str = "data/raw"
@@ -97,6 +127,7 @@ class DataConfig:
     prepared: str = "data/prepared"
     fashion: FashionConfig = field(default_factory=FashionConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    details: DetailsConfig = field(default_factory=DetailsConfig)
 
 
 @dataclass
@@ -170,6 +201,9 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: Annotated[int, Range(ge=0, le=100_000)] = 8
+    # at least this many optimizer steps: a set too small to reach them in `epochs` is trained for more
+    # epochs (step milestones stretched alike); 0 = exactly `epochs`
+    min_steps: Steps = 1200
     batch_size: Annotated[int, Range(ge=1, le=65_536)] = 32  # per process (one forward pass; BatchNorm's batch)
     # images per optimizer step over all processes; 0 = batch_size x accum_steps x processes, whatever
     # that is. Set (the authors': 96 = 8 GPUs x 12), accum_steps follows the number of processes
@@ -197,6 +231,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | a checkpoint path or URI
     force_resume: bool = False  # resume even from a checkpoint of another config or data (its fingerprint differs)
     max_steps: Steps = 0  # 0 = no limit (for smoke runs)
+    # share of the step budget after which a training loss still at its chance value is reported (0 = never)
+    chance_check: Annotated[float, Range(ge=0, le=1)] = 0.5
     log_every: Annotated[int, Range(ge=1, le=10**9)] = 5  # optimizer steps
     picture_images: Annotated[int, Range(ge=0, le=64)] = 4  # fixed validation images drawn each epoch
     jitter: Annotated[float, Range(ge=0, le=1)] = 0.0  # the authors': 0.4

@@ -113,7 +113,7 @@ def _colour(rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], np.float32) * 255
 
 
-def _clutter(rng: np.random.Generator, side: int) -> np.ndarray:
+def clutter(rng: np.random.Generator, side: int) -> np.ndarray:
     """A smooth colour field with random ellipses, polygons and lines, slightly blurred."""
     field_ = Image.fromarray((rng.random((3, 3, 3)) * 180 + 40).astype(np.uint8))
     img = field_.resize((side, side), Image.Resampling.BICUBIC)
@@ -152,7 +152,7 @@ def render(seed: int, index: int, pixels: np.ndarray, side: int, item_min: int,
     with another garment gives the same scene.
     """
     rng = np.random.default_rng([seed, index])
-    arr = _clutter(rng, side)
+    arr = clutter(rng, side)
     g = _garment(pixels, int(rng.integers(item_min, item_max + 1)), rng.uniform(-15, 15), rng.random() < 0.5)
     half = g.shape[0] * rng.uniform(0.7, 0.8)  # the card's half-side
     lo = FASHION_CROP_MARGIN + half + 1

@@ -85,7 +85,7 @@ def class_dir(label: int, combo: dict[str, int]) -> str:
 # --- patterns: t in [0, 1] = share of the part's second colour, ~50 % on average for every one ---
 
 
-def _soft(x: np.ndarray) -> np.ndarray:
+def soft(x: np.ndarray) -> np.ndarray:
     return np.clip(x + 0.5, 0.0, 1.0)
 
 
@@ -96,22 +96,22 @@ def pattern(kind: str, p: np.ndarray, q: np.ndarray, period: float, px: float) -
     """
     w = 2 * math.pi / period
     if kind == "stripes":  # stripes running along the part
-        return _soft(np.sin(w * q) * period * px / (2 * math.pi))
+        return soft(np.sin(w * q) * period * px / (2 * math.pi))
     if kind == "bars":  # bars across the part
-        return _soft(np.sin(w * p) * period * px / (2 * math.pi))
+        return soft(np.sin(w * p) * period * px / (2 * math.pi))
     if kind == "waves":
-        return _soft(np.sin(w * (q + 0.4 * period * np.sin(w * p / 2.5))) * period * px / (2 * math.pi))
+        return soft(np.sin(w * (q + 0.4 * period * np.sin(w * p / 2.5))) * period * px / (2 * math.pi))
     if kind == "checker":
-        return _soft(np.sin(w * p) * np.sin(w * q) * period * px)
+        return soft(np.sin(w * p) * np.sin(w * q) * period * px)
     if kind == "dots":  # discs of radius 0.4 period on a square lattice: half the area
         dp = (np.mod(p / period + 0.5, 1.0) - 0.5) * period
         dq = (np.mod(q / period + 0.5, 1.0) - 0.5) * period
-        return _soft((0.4 * period - np.hypot(dp, dq)) * px)
+        return soft((0.4 * period - np.hypot(dp, dq)) * px)
     if kind == "rings":
-        return _soft(np.sin(w * np.hypot(p, q)) * period * px / (2 * math.pi))
+        return soft(np.sin(w * np.hypot(p, q)) * period * px / (2 * math.pi))
     if kind == "spokes":  # `period` is the number of rays
         r = np.hypot(p, q)
-        return _soft(np.sin(period * np.arctan2(q, p)) * r * px / period)
+        return soft(np.sin(period * np.arctan2(q, p)) * r * px / period)
     raise ValueError(f"unknown pattern {kind!r}")
 
 
@@ -147,7 +147,7 @@ def _colour(rng, lo: float, hi: float) -> np.ndarray:
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], np.float32) * 255
 
 
-def _two_tone(rng) -> tuple[np.ndarray, np.ndarray]:
+def two_tone(rng) -> tuple[np.ndarray, np.ndarray]:
     """A dark and a light colour, in random order: the pattern's contrast is never a class cue."""
     pair = [_colour(rng, 0.08, 0.35), _colour(rng, 0.7, 1.0)]
     return (pair[0], pair[1]) if rng.random() < 0.5 else (pair[1], pair[0])
@@ -183,8 +183,8 @@ def _background(rng, w: int, h: int, px: float) -> np.ndarray:
         x0, y0, x1, y1 = int(cx - r), int(cy - r), int(cx + r) + 1, int(cy + r) + 1
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         dist = np.hypot(xx - cx, yy - cy) - r * np.where(np.arctan2(yy - cy, xx - cx) > 0, 1.0, 0.6)
-        mask = _soft(-dist)[..., None]
-        c0, c1 = _two_tone(rng)
+        mask = soft(-dist)[..., None]
+        c0, c1 = two_tone(rng)
         t = pattern(kinds[j], (xx - cx) / px, (yy - cy) / px, periods[j], px)[..., None]
         arr[y0:y1, x0:x1] = arr[y0:y1, x0:x1] * (1 - mask) + (c0 * (1 - t) + c1 * t) * mask
     return arr
@@ -246,12 +246,12 @@ def render(seed: int, index: int, combo: dict[str, int], min_side: int, max_side
             colour: Any = flat
             pattern_args = None
         else:
-            colour = _two_tone(rng)
+            colour = two_tone(rng)
             pattern_args = PARTS[part][combo.get(part, 0)][1:]
         if not len(rows) or not len(cols):
             continue  # the part fell outside the image
         box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        mask = _soft(-dist[box] * length)[..., None]
+        mask = soft(-dist[box] * length)[..., None]
         if pattern_args is not None:
             kind, period = pattern_args
             t = pattern(kind, p[box] * to_ref, q[box] * to_ref, period, px)[..., None]

@@ -17,6 +17,7 @@ resumed mid-epoch, keeps its place in the schedule.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
@@ -24,6 +25,17 @@ import torch
 
 from tasn.choices import OPTIMIZERS, SCHEDULES
 from tasn.config import TrainConfig
+
+
+def plan_budget(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
+    """`cfg` with `epochs` raised, when its epochs are fewer than `min_steps` optimizer steps, to the
+    fewest whole epochs that reach it; step milestones are stretched by the same factor, so the
+    schedule keeps its shape. A small set gets more passes, a large one is trained as configured."""
+    if not cfg.epochs or cfg.epochs * steps_per_epoch >= cfg.min_steps:
+        return cfg
+    epochs = math.ceil(cfg.min_steps / max(1, steps_per_epoch))
+    milestones = [round(m * epochs / cfg.epochs) for m in cfg.milestones]
+    return dataclasses.replace(cfg, epochs=epochs, milestones=milestones)
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -67,3 +79,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     """A LambdaLR over optimizer steps (`steps_per_epoch` of them per epoch)."""
     factor = LRFactor(cfg.schedule, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.milestones, cfg.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+

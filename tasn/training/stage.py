@@ -29,9 +29,10 @@ from tasn.io import check_apart, output_lock
 from tasn.model import build_loss, build_model
 from tasn.model.sampler import implementation as sampler_implementation
 from tasn.training import batch
+from tasn.training.diagnose import TAG, ChanceWatch
 from tasn.training.loop import Loop
 from tasn.training.modes import configure_determinism, place
-from tasn.training.optim import build_optimizer, build_scheduler
+from tasn.training.optim import build_optimizer, build_scheduler, plan_budget
 from tasn.training.outputs import CHECKPOINTS, TrainResult, write_outputs
 from tasn.training.sampling import load_data, seed_everything
 
@@ -72,10 +73,13 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
     configure_determinism(t.deterministic)
     seed_everything(t.seed)
     data = load_data(cfg, data_dir, ctx)
+    steps_per_epoch = math.ceil(data.batches_per_epoch / t.accum_steps)
+    cfg = with_budget(cfg, steps_per_epoch)
+    t = cfg.train
     model = place(build_model(cfg.model, len(data.classes)), t, ctx)  # identical on every rank: same seed
     seed_everything(t.seed + 1000 * ctx.rank)  # ranks draw independent random numbers from here
     optimizer = build_optimizer(model.parameters(), t)
-    scheduler = build_scheduler(optimizer, t, steps_per_epoch=math.ceil(data.batches_per_epoch / t.accum_steps))
+    scheduler = build_scheduler(optimizer, t, steps_per_epoch=steps_per_epoch)
     loss_fn = build_loss(cfg.model, cfg.loss, t.label_smoothing).to(ctx.device)
     data_version = lineage.recorded_data_version(data_dir / SUMMARY)
     loop = Loop(cfg, ctx, model, loss_fn, optimizer, scheduler, data.classes,
@@ -89,6 +93,8 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
         loop.run = start_run(cfg, data_dir, data_version, ctx, loop.run_id)
         loop.run_id = loop.run.run_id
     pictures = data.pictures(t.picture_images) if ctx.is_main else None
+    budget = t.epochs * steps_per_epoch if not t.max_steps else min(t.max_steps, t.epochs * steps_per_epoch)
+    watch = ChanceWatch(cfg, len(data.classes), max(1, budget))
 
     status = "FAILED"
     try:
@@ -97,7 +103,10 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
         while not loop.done():
             train_loss = loop.train_epoch(data.epoch_loader(loop.pos.epoch, loop.pos.batch), data.batches_per_epoch)
             metrics = loop.end_epoch(train_loss, data.test_loader, data.batches_per_epoch, pictures, out_dir)
-        if not metrics:  # resumed a finished run: nothing trained, evaluate what there is
+            warn(loop, watch.after_epoch(loop.pos.step, len(loop.history), train_loss))
+        if metrics:
+            warn(loop, watch.at_end(train_loss, metrics.get(f"{loop.net.primary_head}_top1")))
+        else:  # resumed a finished run: nothing trained, evaluate what there is
             metrics = loop.evaluate(data.test_loader)
             train_loss = loop.history[-1]["train_loss"] if loop.history else math.nan
         result = None
@@ -115,6 +124,26 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
     finally:
         if loop.run is not None:
             loop.run.end(status)
+
+
+def with_budget(cfg: Config, steps_per_epoch: int) -> Config:
+    """`cfg` with the epochs `train.min_steps` asks for on this data (tasn.training.optim.plan_budget)."""
+    t = cfg.train
+    planned = plan_budget(t, steps_per_epoch)
+    if planned.epochs == t.epochs:
+        return cfg
+    log.info("train.min_steps %d: %d epochs of %d optimizer steps are %d; training %d epochs (%d steps)",
+             t.min_steps, t.epochs, steps_per_epoch, t.epochs * steps_per_epoch, planned.epochs,
+             planned.epochs * steps_per_epoch)
+    return dataclasses.replace(cfg, train=planned)
+
+
+def warn(loop: Loop, message: str | None) -> None:
+    """A ChanceWatch warning: logged on rank 0 and set as a tag of the MLflow run."""
+    if message and loop.ctx.is_main:
+        log.warning("train: %s", message)
+        if loop.run is not None:
+            loop.run.set_tags({TAG: message})
 
 
 def resume_from(loop: Loop, resume: str) -> None:
