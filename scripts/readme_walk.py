@@ -115,7 +115,7 @@ def make_run(walk: Walk) -> None:
     walk.run("dvc pull (the sample and the committed run)", ["dvc", "pull"])
     pulled = (walk.clone / "outputs/train/model.pt").is_file()
     walk.note(f"exit 0, the committed run's model.pt {'there' if pulled else 'MISSING'}")
-    walk.run("make run (dvc repro: validate, preprocess, train 8 epochs, evaluate, register)",
+    walk.run("make run (dvc repro: validate, preprocess, train, evaluate, register)",
              ["./scripts/run_pipeline.sh"])
     reg = json.loads((walk.clone / "outputs/register/registration.json").read_text())
     walk.note(f"`{reg['name']}` v{reg['version']}: {reg['decision']}, {reg['primary_metric']} {reg['candidate']:.3f}")
@@ -186,7 +186,7 @@ def experiment(walk: Walk) -> None:
 def predict_and_serve(walk: Walk) -> None:
     images = sorted((walk.clone / "data/raw/images").rglob("*.jpg"))[:2]
     out = walk.run("tasn predict (2 images, models:/tasn@staging)",
-                   ["tasn", "predict", *map(str, images), "--model", "models:/tasn@staging", "--topk", "1"]).stdout
+                   ["tasn", "predict", *map(str, images), "--model", "models:/tasn@staging", "--topk", "1", "--json"]).stdout
     walk.note(", ".join(f"{Path(r['image']).parent.name} -> {r['class_name']}" for r in json.loads(out)))
     port = free_port()
     cmd = ["mlflow", "models", "serve", "-m", "models:/tasn@staging", "--env-manager", "local", "-p", str(port)]
