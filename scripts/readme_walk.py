@@ -186,7 +186,8 @@ def experiment(walk: Walk) -> None:
 def predict_and_serve(walk: Walk) -> None:
     images = sorted((walk.clone / "data/raw/images").rglob("*.jpg"))[:2]
     out = walk.run("tasn predict (2 images, models:/tasn@staging)",
-                   ["tasn", "predict", *map(str, images), "--model", "models:/tasn@staging", "--topk", "1", "--json"]).stdout
+                   ["tasn", "predict", *map(str, images), "--model", "models:/tasn@staging", "--topk", "1",
+                    "--json"]).stdout
     walk.note(", ".join(f"{Path(r['image']).parent.name} -> {r['class_name']}" for r in json.loads(out)))
     port = free_port()
     cmd = ["mlflow", "models", "serve", "-m", "models:/tasn@staging", "--env-manager", "local", "-p", str(port)]
