@@ -215,7 +215,7 @@ def suite_row(dset: DetailsSet, res: dict[str, dict[str, Any]]) -> str:
     counts = top["ceiling"] >= 2 * chance
     gap = top["tasn"] - top["baseline"]
     if math.isnan(gap) or math.isnan(top["ceiling"]):
-        result = "not run"
+        result = "incomplete" if res else "not run"
     elif not counts:
         result = "does not count (full size < 2x chance)"
     else:
@@ -225,13 +225,17 @@ def suite_row(dset: DetailsSet, res: dict[str, dict[str, Any]]) -> str:
     wall = sum(r["wall_s"] for r in res.values()) / 60
     loads = [x for r in res.values() for x in (r["load_before"], r["load_after"])]
     when = f"{wall:.0f} min, load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+    def shown(x: float, fmt: str) -> str:
+        return "-" if math.isnan(x) else format(x, fmt)
+
     return (f"| {dset.name} | {dset.why} | {c.classes} x {c.train_per_class + c.test_per_class} | {c.period:g} | "
-            f"{100 * c.part_share:g} % | {c.cue} | {chance:.3f} | {steps} ({epochs}) | {top['tasn']:.3f} | "
-            f"{top['baseline']:.3f} | {top['ceiling']:.3f} | {100 * gap:+.1f} | {result} | {when} |")
+            f"{100 * c.part_share:g} % | {c.cue} | {chance:.3f} | {f'{steps} ({epochs})' if first else '-'} | "
+            f"{shown(top['tasn'], '.3f')} | {shown(top['baseline'], '.3f')} | {shown(top['ceiling'], '.3f')} | "
+            f"{shown(100 * gap, '+.1f')} | {result} | {when or '-'} |")
 
 
 SUITE_HEADER = ("| set | what it stands for | classes x images | period px | part | cue | chance | steps (epochs) | "
-                "TASN | resize | full size | TASN - resize, points | verdict | 3 runs: wall, load |\n"
+                "TASN | resize | full size | TASN - resize, points | verdict | its runs: wall, load |\n"
                 "|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---|---|")
 
 
