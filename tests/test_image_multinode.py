@@ -28,9 +28,9 @@ from fixtures.kfp_pods import ArtifactStore
 from fixtures.pods import ROOT, EmptyDir, Pod, Podman
 from fixtures.trainer_pods import node_pods
 from tasn import checkpoint
-from tasn.jobspec import WORK_OUT, TrainJobSpec, job_name, render_trainjob
+from tasn.jobspec import WORK_CHECKPOINTS, WORK_OUT, TrainJobSpec, job_name, render_trainjob
 from tasn.model import build_model
-from tasn.training.outputs import CHECKPOINTS, MODEL, STEPS
+from tasn.training.outputs import MODEL, STEPS
 from tasn.training.sampling import seed_everything
 
 pytestmark = pytest.mark.image
@@ -93,7 +93,7 @@ def test_two_nodes_killed_and_restarted_train_as_one_process(cpu_image, pod_mlfl
     job = render_trainjob(spec, job_name(work), environ=environ)
     gang = node_pods(job, runtime, namespace, pod_network)
     procs = [pods.start(p) for p in gang]
-    wanted = f"work/{CHECKPOINTS}/{checkpoint.checkpoint_name(2)}"
+    wanted = f"work/{WORK_CHECKPOINTS}/{checkpoint.checkpoint_name(2)}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and all(p.poll() is None for p in procs):
         if s3.client().list_objects_v2(Bucket=bucket, Prefix=wanted).get("KeyCount"):

@@ -18,6 +18,7 @@ from fixtures.images import cluster, head_commit
 from fixtures.kfp_pods import DONE, FAILED, SKIPPED, ArtifactStore, PipelineRun
 from fixtures.pods import ROOT, Podman
 from pipelines.runner import arguments, resolve_config
+from tasn.jobspec import WORK_CHECKPOINTS
 from tasn.lineage import KFP_RUN_TAG
 from tasn.registry.tags import GIT_COMMIT_TAG
 
@@ -79,7 +80,7 @@ def test_the_compiled_dag_runs_in_the_image_and_ends_with_staging_on_the_server(
     # train's checkpoints went to the run's own prefix under TASN_WORK_URI (tasn-s3-config)
     keys = [o["Key"] for o in pod_mlflow.s3.client().list_objects_v2(Bucket=bucket, Prefix=f"runs/{run.run_id}/")
             .get("Contents", [])]
-    assert any("checkpoint" in k for k in keys), keys
+    assert any(k.startswith(f"runs/{run.run_id}/{WORK_CHECKPOINTS}/ckpt-") for k in keys), keys
     # the artifacts went from task to task through the pipeline root, as the launcher hands them
     model = by_name["train"].artifacts["model"]["uri"]
     assert model.startswith(f"s3://{bucket}/v2/artifacts/tasn/{run.run_id}/train/")
