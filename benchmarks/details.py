@@ -100,11 +100,22 @@ SUITE = (
 SETS = {s.name: s for s in SUITE}
 
 
-def recipe_id(cfg: Config) -> str:
-    """What makes two logged runs comparable: the whole config but the model kind and size and the seed."""
+# What only TASN reads: a change of these leaves the baselines' runs comparable.
+TASN_ONLY = {"model": ("att_backbone", "att_head_channels", "att_size", "dense", "iters", "att_pretrained"),
+             "train": ("attention_first",)}
+
+
+def recipe_id(cfg: Config, model: str = "tasn") -> str:
+    """What makes two logged runs of `model` comparable: the whole config but the model kind and
+    size and the seed, and for the baselines what only TASN reads (its loss, attention net, sampler)."""
     d = cfg.to_dict()
     for section, key in (("model", "kind"), ("model", "out_size"), ("train", "seed")):
         d[section].pop(key)
+    if model != "tasn":
+        d.pop("loss")
+        for section, keys in TASN_ONLY.items():
+            for key in keys:
+                d[section].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -197,7 +208,8 @@ def table(results: dict[str, list[dict[str, Any]]], names: dict[str, str]) -> st
 def verdict(results: dict[str, list[dict[str, Any]]]) -> str:
     """The embedded set's bar: TASN >= 10 points over the resize on every seed (each seed's TASN
     against the same seed's resize), and its mean gap."""
-    tasn, base = [r["top1"] for r in results["tasn"]], [r["top1"] for r in results["baseline"]]
+    tasn = [r["top1"] for r in results.get("tasn", [])]
+    base = [r["top1"] for r in results.get("baseline", [])]  # either may not have been asked for
     if not tasn or not base:
         return ""
     gaps = [t - b for t, b in zip(tasn, base)]
@@ -254,8 +266,8 @@ def write_results(path: Path, block: str, start: str = MARK_START, end: str = MA
 class Runner:
     """Trains the requested models on a dataset, appending every run to the log (JSON lines)."""
 
-    def __init__(self, common: list[str], recipe: str, input_size: int, models: list[str], log: Path | None,
-                 tmp: Path):
+    def __init__(self, common: list[str], recipe: dict[str, str], input_size: int, models: list[str],
+                 log: Path | None, tmp: Path):
         self.common, self.recipe, self.input_size, self.models, self.log, self.tmp = (
             common, recipe, input_size, models, log, tmp)
 
@@ -275,7 +287,7 @@ class Runner:
                     fh.write(json.dumps({"time": datetime.now().isoformat(timespec="seconds"), "data": dataset,
                                          "set": dataset.rsplit("-", 1)[0],
                                          "model": key, "seed": seed, "overrides": self.common,
-                                         "recipe": self.recipe, **r}, default=str) + "\n")
+                                         "recipe": self.recipe[key], **r}, default=str) + "\n")
             out[key] = r
         return out
 
@@ -285,15 +297,15 @@ class LogReader:
     latest run logged with the same recipe (params.yaml and overrides), so a suite too long for one sitting on a shared
     machine can be run set by set and tabled together (each row keeps its own time and load)."""
 
-    def __init__(self, path: Path, recipe: str, models: list[str]):
+    def __init__(self, path: Path, recipe: dict[str, str], models: list[str]):
         self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.recipe, self.models = recipe, models
 
     def run(self, data: Path | None, dataset: str, seed: int) -> dict[str, dict[str, Any]]:
         found = {}
         for r in self.rows:
-            same = (r.get("data"), r["seed"], r.get("recipe")) == (dataset, seed, self.recipe)
-            if same and r["model"] in self.models:
+            if r["model"] in self.models and (r.get("data"), r["seed"], r.get("recipe")) == (
+                    dataset, seed, self.recipe[r["model"]]):
                 found[r["model"]] = r  # the latest wins
         return {key: found[key] for key in self.models if key in found}
 
@@ -340,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.sets or ([*SETS, "embedded"] if args.suite else ["embedded"])
     with tempfile.TemporaryDirectory(prefix="tasn-details-") as tmp_name:
         tmp = Path(tmp_name)
-        recipe = recipe_id(load_config(ROOT / "params.yaml", None, common))
+        recipe = {key: recipe_id(load_config(ROOT / "params.yaml", None, common), key) for key in MODELS}
         runner: Runner | LogReader = (LogReader(args.from_log, recipe, args.models) if args.from_log else
                                       Runner(common, recipe, m.input_size, args.models, args.log, tmp))
         work = args.work or tmp / "sets"
@@ -357,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     load_after = os.getloadavg()
     t = cfg.train
-    recipe = (f"input {m.input_size}, att {m.att_size}, out {m.out_size}, {m.backbone}, {t.optimizer} lr {t.lr:g}, "
-              f"{t.schedule}, {t.epochs} epochs and at least {t.min_steps} steps")
-    where = (f"{machine(device)}, {date.today().isoformat()}; params.yaml top level ({recipe})"
+    settings = (f"input {m.input_size}, att {m.att_size}, out {m.out_size}, {m.backbone}, {t.optimizer} lr {t.lr:g}, "
+                f"{t.schedule}, {t.epochs} epochs and at least {t.min_steps} steps, the attention net alone for "
+                f"the first {t.attention_first:g} of them")
+    where = (f"{machine(device)}, {date.today().isoformat()}; params.yaml top level ({settings})"
              + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
              + (f"; tabled from the runs logged in {args.from_log.name}, each row with its own time and load."
                 if args.from_log else f"; whole benchmark {minutes:.1f} min, load average {load_before[0]:.1f} "

@@ -150,7 +150,7 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_keys_unless_forced
     with pytest.raises(ConfigError) as err:
         checkpoint.check_fingerprint("ckpt-000000004.pt", {"fingerprint": theirs}, mine, force=False)
     text = str(err.value)
-    for needle in ("ckpt-000000004.pt", "train.lr (0.2 -> 0.1)", "model.att_size (64 -> 56)",
+    for needle in ("ckpt-000000004.pt", "train.lr (0.2 -> 0.1)", "model.att_size (64 -> 112)",
                    "data.version ('d2' -> 'd1')", "train.resume=never", "train.force_resume=true"):
         assert needle in text, needle
     assert "train.epochs" not in text

@@ -42,6 +42,7 @@ def test_repository_params_and_every_profile_load():
         assert (t.warmup_epochs, t.label_smoothing, augmentation) == (0.0, 0.0, (0.4, 30.0, 0.1)), name
         assert (c.model.zero_init_residual, c.loss.distill_teacher) == (False, "authors"), name
         assert t.min_steps == 0, name  # their epochs, however few steps they are
+        assert t.attention_first == 0.0, name  # all branches learn from the first step, as theirs
     for name in ("demo", "cub336", "smoke"):
         load_config(ROOT_PARAMS, name)
 

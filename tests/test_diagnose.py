@@ -60,3 +60,17 @@ def test_a_run_that_learns_nothing_says_so_and_tags_its_mlflow_run(smoke_data, t
     loop = SimpleNamespace(ctx=SimpleNamespace(is_main=True), run=SimpleNamespace(set_tags=tags.update))
     warn(loop, said[1])
     assert tags == {TAG: said[1]}
+
+
+def test_steps_where_the_attention_net_learns_alone_have_its_chance_value_only():
+    """With train.attention_first, an epoch's chance value averages its steps': w_attention x ln K
+    for the gated ones, the whole sum after (an epoch at the attention net's chance is at chance)."""
+    cfg = Config()
+    ln8 = math.log(8)
+    watch = ChanceWatch(cfg, classes=8, total_steps=100, gated_steps=30)
+    assert watch.after_epoch(20, 1, 0.99 * ln8) is None  # too early to say
+    assert watch.chance == pytest.approx(ln8)  # all 20 steps gated: the attention term alone
+    watch.after_epoch(40, 2, 3.0)
+    assert watch.chance == pytest.approx(0.5 * ln8 + 0.5 * 4 * ln8)  # 10 of its 20 steps gated
+    said = watch.after_epoch(60, 3, 4 * ln8)
+    assert watch.chance == pytest.approx(4 * ln8) and said is not None and f"chance value {4 * ln8:.3f}" in said

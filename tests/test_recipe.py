@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import math
 
+import pytest
+
 from fixtures.data_smoke import ROOT
 from tasn.config import load_config
 from tasn.data.dvc_remote import materialize
@@ -62,6 +64,16 @@ def test_the_demo_recipe_brings_tasn_train_loss_well_below_chance_from_random_we
     w = cfg.loss
     chance = (w.w_attention + w.w_part + w.w_master + w.w_part_aux + w.w_master_aux + w.w_distill) * ln_k
     heads = ("loss_attention", "loss_part", "loss_master", "loss_part_aux", "loss_master_aux")
-    assert first["loss"] > 0.9 * chance, first  # it did start at chance
+    weights = {"loss_attention": w.w_attention, "loss_part": w.w_part, "loss_master": w.w_master,
+               "loss_part_aux": w.w_part_aux, "loss_master_aux": w.w_master_aux, "loss_distill": w.w_distill}
+
+    def whole(epoch: dict) -> float:
+        """The whole objective from the logged terms (the first steps train on the attention term
+        alone, train.attention_first, but every term is logged)."""
+        return sum(weight * epoch[k] for k, weight in weights.items())
+
+    assert cfg.train.attention_first > 0 and first["loss"] < whole(first)  # the gate was on at first
+    assert whole(first) > 0.9 * chance, first  # it did start at chance
+    assert last["loss"] == pytest.approx(whole(last), rel=1e-3)  # and off at the end
     assert last["loss"] < 0.85 * chance, (last, chance)
     assert sum(last[h] for h in heads) / len(heads) < 0.85 * ln_k, last  # the heads learnt, not only one

@@ -167,7 +167,7 @@ class ModelConfig:
     att_backbone: AttentionBackbone = "resnet18-slim"
     att_head_channels: Annotated[int, Range(ge=1, le=8192)] = 64
     input_size: Side = 168
-    att_size: Side = 56  # = out_size: the attention net sees no more pixels than the baseline
+    att_size: Side = 112  # 2 x out_size: where to zoom is read at twice the classifier's resolution (docs/training.md)
     out_size: Side = 56
     dense: Annotated[float, Range(gt=0, le=1000)] = 4.0
     iters: Annotated[int, Range(ge=1, le=100)] = 5
@@ -217,6 +217,9 @@ class TrainConfig:
     milestones: list[Annotated[int, Range(ge=0, le=100_000)]] = field(default_factory=list)  # epochs (step)
     gamma: Annotated[float, Range(gt=0, le=1)] = 0.1
     warmup_epochs: Annotated[float, Range(ge=0, le=100_000)] = 1.0  # linear warm-up, per optimizer step
+    # TASN: share of the step budget during which only the attention net learns (the sampling
+    # branches' terms weigh 0), so the backbone first sees zooms the maps chose, not random ones
+    attention_first: Annotated[float, Range(ge=0, lt=1)] = 0.25
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.1  # of every cross-entropy term
     accum_steps: Annotated[int, Range(ge=1, le=1024)] = 1
     workers: Workers = 1

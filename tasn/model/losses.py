@@ -47,6 +47,9 @@ class TASNLoss(nn.Module):
         super().__init__()
         self.temperature = temperature
         self.distill_teacher, self.label_smoothing = distill_teacher, label_smoothing
+        # Scales every term but the attention net's own: 0 while the attention net learns first
+        # (train.attention_first, set by the training loop), 1 after.
+        self.branches = 1.0
         self.weights = {
             "attention": w_attention,
             "part": w_part,
@@ -66,7 +69,8 @@ class TASNLoss(nn.Module):
         terms = {head: F.cross_entropy(getattr(out, head).float(), target, label_smoothing=self.label_smoothing)
                  for head in out._fields}
         terms["distill"] = distillation(out.master, out.part, self.temperature, self.distill_teacher)
-        total = cast(torch.Tensor, sum(self.weights[k] * v for k, v in terms.items()))
+        total = cast(torch.Tensor, sum(self.weights[k] * (1.0 if k == "attention" else self.branches) * v
+                                       for k, v in terms.items()))
         return total, terms
 
 

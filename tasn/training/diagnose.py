@@ -6,7 +6,8 @@ between two uniform heads is ln K as well, so TASN's chance value is (the sum of
 x ln K and the baseline's ln K (`chance_loss`). An epoch whose mean training loss is still within
 `CHANCE_BAND` of it has learned nothing a loss can show. `ChanceWatch` looks after every epoch
 once `train.chance_check` of the step budget is spent, warns once (log and MLflow tag), and says
-again at the end if the run finished that way.
+again at the end if the run finished that way. While TASN's attention net learns alone
+(`train.attention_first`) only its own term counts, so those steps' chance value is w_attention x ln K.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ CHANCE_BAND = 0.03  # a training loss above 97 % of its chance value has not mov
 TAG = "tasn.learned_nothing"  # the MLflow tag set on such a run
 
 
-def chance_loss(cfg: Config, classes: int) -> float:
-    """The training loss of a model that predicts uniformly over `classes` classes."""
+def chance_loss(cfg: Config, classes: int, attention_alone: bool = False) -> float:
+    """The training loss of a model that predicts uniformly over `classes` classes (TASN's while
+    its attention net learns alone, when `attention_alone`)."""
     if cfg.model.kind == "baseline":
         return math.log(classes)
     w = cfg.loss
+    if attention_alone:
+        return w.w_attention * math.log(classes)
     return (w.w_attention + w.w_part + w.w_master + w.w_part_aux + w.w_master_aux + w.w_distill) * math.log(classes)
 
 
@@ -38,11 +42,19 @@ class ChanceWatch:
     cfg: Config
     classes: int
     total_steps: int
+    gated_steps: int = 0  # the first steps, in which TASN's attention net learns alone
+    epoch_start: int = 0  # the step the next epoch starts at (the resume position)
     warned: bool = False
 
-    @property
-    def chance(self) -> float:
-        return chance_loss(self.cfg, self.classes)
+    def __post_init__(self) -> None:
+        self.chance = chance_loss(self.cfg, self.classes)
+
+    def _epoch_chance(self, first: int, last: int) -> None:
+        """The chance value of the epoch of steps (first, last]: its steps' values, averaged."""
+        alone = max(0, min(self.gated_steps, last) - first) / max(1, last - first)
+        self.chance = (alone * chance_loss(self.cfg, self.classes, attention_alone=True)
+                       + (1 - alone) * chance_loss(self.cfg, self.classes))
+        self.epoch_start = last
 
     def at_chance(self, train_loss: float) -> bool:
         return not train_loss < (1 - CHANCE_BAND) * self.chance  # a NaN loss has learned nothing either
@@ -50,6 +62,7 @@ class ChanceWatch:
     def after_epoch(self, step: int, epoch: int, train_loss: float) -> str | None:
         """The warning, once, when `step` is past `train.chance_check` of the budget and the
         epoch's training loss is still at chance; else None."""
+        self._epoch_chance(self.epoch_start, step)
         share = self.cfg.train.chance_check
         if self.warned or not share or step < share * self.total_steps or not self.at_chance(train_loss):
             return None

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from tasn import checkpoint, distributed, viz
 from tasn.config import Config
+from tasn.model.losses import TASNLoss
 from tasn.model.network import Network
 from tasn.tracking import Run
 from tasn.training.meter import MetricLogger
@@ -56,6 +57,7 @@ class Loop:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
     steps: list[dict[str, Any]] = field(default_factory=list)  # one row per logged optimizer step
     fingerprint: dict[str, Any] = field(default_factory=dict)  # tasn.checkpoint.fingerprint of this run
+    budget: int = 0  # optimizer steps of the whole run
 
     def __post_init__(self) -> None:
         self.amp_dtype, self.scaler = precision(self.cfg.train.amp, self.ctx.device)
@@ -133,6 +135,7 @@ class Loop:
         bar = EpochProgress(total_batches, self.pos.batch, f"epoch {self.pos.epoch + 1}/{t.epochs}",
                             enabled=self.ctx.is_main)
         for x, y in loader:
+            self._gate_branches()
             self.pos.batch += 1
             boundary = self.pos.batch % t.accum_steps == 0 or self.pos.batch == total_batches
             loss, terms = self._forward_backward(self.to_device(x), y.to(self.ctx.device, non_blocking=True),
@@ -166,6 +169,16 @@ class Loop:
             loss, terms = self.loss_fn(model(x), y)
         self.scaler.scale(loss / self.cfg.train.accum_steps).backward()
         return loss, terms
+
+    def _gate_branches(self) -> None:
+        """TASN's sampling branches wait for `train.attention_first` of the budget: from random
+        weights the maps point nowhere, and a backbone trained on those zooms memorises the
+        training set instead of learning the details the maps later show it (issue 24)."""
+        if isinstance(self.loss_fn, TASNLoss):
+            self.loss_fn.branches = 0.0 if self.pos.step < self.attention_first_steps() else 1.0
+
+    def attention_first_steps(self) -> int:
+        return round(self.cfg.train.attention_first * self.budget)
 
     def _optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)

@@ -82,9 +82,10 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
     scheduler = build_scheduler(optimizer, t, steps_per_epoch=steps_per_epoch)
     loss_fn = build_loss(cfg.model, cfg.loss, t.label_smoothing).to(ctx.device)
     data_version = lineage.recorded_data_version(data_dir / SUMMARY)
+    budget = t.epochs * steps_per_epoch if not t.max_steps else min(t.max_steps, t.epochs * steps_per_epoch)
     loop = Loop(cfg, ctx, model, loss_fn, optimizer, scheduler, data.classes,
                 ckpt_dir=t.checkpoint_dir or str(out_dir / CHECKPOINTS),
-                fingerprint=checkpoint.fingerprint(configured, data_version))
+                fingerprint=checkpoint.fingerprint(configured, data_version), budget=budget)
     resume_from(loop, resume)
     if ctx.distributed:
         loop.model = nn.parallel.DistributedDataParallel(
@@ -93,8 +94,8 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, resume: str, ctx: distrib
         loop.run = start_run(cfg, data_dir, data_version, ctx, loop.run_id)
         loop.run_id = loop.run.run_id
     pictures = data.pictures(t.picture_images) if ctx.is_main else None
-    budget = t.epochs * steps_per_epoch if not t.max_steps else min(t.max_steps, t.epochs * steps_per_epoch)
-    watch = ChanceWatch(cfg, len(data.classes), max(1, budget))
+    watch = ChanceWatch(cfg, len(data.classes), max(1, budget), gated_steps=loop.attention_first_steps(),
+                        epoch_start=loop.pos.step)
 
     status = "FAILED"
     try:
