@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.sets or ([*SETS, "embedded"] if args.suite else ["embedded"])
     with tempfile.TemporaryDirectory(prefix="tasn-details-") as tmp_name:
         tmp = Path(tmp_name)
-        recipe = {key: recipe_id(load_config(ROOT / "params.yaml", None, common), key) for key in MODELS}
+        run_cfg = load_config(ROOT / "params.yaml", None, common)
+        recipe = {key: recipe_id(run_cfg, key) for key in MODELS}
         runner: Runner | LogReader = (LogReader(args.from_log, recipe, args.models) if args.from_log else
                                       Runner(common, recipe, m.input_size, args.models, args.log, tmp))
         work = args.work or tmp / "sets"

@@ -14,8 +14,6 @@ from tasn.model.network import TASNOutput
 from tasn.training import train
 from tasn.training.outputs import STEPS
 
-WEIGHTS = {"attention": 1.0, "part": 0.5, "master": 0.5, "part_aux": 0.5, "master_aux": 0.5, "distill": 1.0}
-
 
 def test_gated_branches_leave_the_attention_term_alone_and_send_no_gradient():
     torch.manual_seed(0)
@@ -31,8 +29,8 @@ def test_gated_branches_leave_the_attention_term_alone_and_send_no_gradient():
         assert logits[head].grad.abs().sum() == 0, head
     loss.branches = 1.0  # back to the whole objective
     total, terms = loss(TASNOutput(**logits), target)
-    assert float(total) == pytest.approx(0.7 * float(terms["attention"])
-                                         + sum(WEIGHTS[k] * float(terms[k]) for k in WEIGHTS if k != "attention"))
+    assert loss.weights["attention"] == 0.7 and len(loss.weights) == 6
+    assert float(total) == pytest.approx(sum(w * float(terms[k]) for k, w in loss.weights.items()))
 
 
 def test_the_first_share_of_a_run_trains_the_attention_net_alone(smoke_data, tmp_path):  # noqa: F811
@@ -41,12 +39,13 @@ def test_the_first_share_of_a_run_trains_the_attention_net_alone(smoke_data, tmp
     cfg = smoke_config("tracking.enabled=false", "train.picture_images=0", "train.resume=never",
                        "train.epochs=2", "train.attention_first=0.5")
     train(cfg, smoke_data, tmp_path / "out")
+    weights = TASNLoss.from_config(cfg.loss).weights
     with (tmp_path / "out" / STEPS).open() as fh:
         rows = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     for row in rows:
-        whole = sum(w * row[f"loss_{k}"] for k, w in WEIGHTS.items())
-        alone = WEIGHTS["attention"] * row["loss_attention"]
+        whole = sum(w * row[f"loss_{k}"] for k, w in weights.items())
+        alone = weights["attention"] * row["loss_attention"]
         expected = alone if row["step"] <= 3 else whole
         assert math.isclose(row["loss"], expected, rel_tol=1e-4), row
         assert whole > alone * 1.5  # the two readings differ: the check can tell them apart

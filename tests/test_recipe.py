@@ -19,6 +19,7 @@ from tasn.config import load_config
 from tasn.data.dvc_remote import materialize
 from tasn.data.layout import read_layout, write_layout
 from tasn.data.preprocess import preprocess
+from tasn.model.losses import TASNLoss
 from tasn.training import train
 from tasn.training.outputs import STEPS
 
@@ -66,13 +67,12 @@ def test_the_demo_recipe_brings_tasn_train_loss_well_below_chance_from_random_we
     w = cfg.loss
     chance = (w.w_attention + w.w_part + w.w_master + w.w_part_aux + w.w_master_aux + w.w_distill) * ln_k
     heads = ("loss_attention", "loss_part", "loss_master", "loss_part_aux", "loss_master_aux")
-    weights = {"loss_attention": w.w_attention, "loss_part": w.w_part, "loss_master": w.w_master,
-               "loss_part_aux": w.w_part_aux, "loss_master_aux": w.w_master_aux, "loss_distill": w.w_distill}
+    weights = TASNLoss.from_config(w).weights
 
     def whole(epoch: dict) -> float:
         """The whole objective from the logged terms (the first steps train on the attention term
         alone, train.attention_first, but every term is logged)."""
-        return sum(weight * epoch[k] for k, weight in weights.items())
+        return sum(weight * epoch[f"loss_{k}"] for k, weight in weights.items())
 
     assert cfg.train.attention_first > 0 and first["loss"] < whole(first)  # the gate was on at first
     assert whole(first) > 0.9 * chance, first  # it did start at chance
