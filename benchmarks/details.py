@@ -101,7 +101,8 @@ SETS = {s.name: s for s in SUITE}
 
 
 # What only TASN reads: a change of these leaves the baselines' runs comparable.
-TASN_ONLY = {"model": ("att_backbone", "att_head_channels", "att_size", "dense", "iters", "att_pretrained"),
+TASN_ONLY = {"model": ("att_backbone", "att_head_channels", "att_size", "att_stride", "dense", "iters",
+                       "att_pretrained"),
              "train": ("attention_first",)}
 
 
@@ -370,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     load_after = os.getloadavg()
     t = cfg.train
-    settings = (f"input {m.input_size}, att {m.att_size}, out {m.out_size}, {m.backbone}, {t.optimizer} lr {t.lr:g}, "
-                f"{t.schedule}, {t.epochs} epochs and at least {t.min_steps} steps, the attention net alone for "
-                f"the first {t.attention_first:g} of them")
+    settings = (f"input {m.input_size}, att {m.att_size} at stride {m.att_stride}, out {m.out_size}, {m.backbone}, "
+                f"{t.optimizer} lr {t.lr:g}, {t.schedule}, {t.epochs} epochs and at least {t.min_steps} steps, "
+                f"the attention net alone for the first {t.attention_first:g} of them")
     where = (f"{machine(device)}, {date.today().isoformat()}; params.yaml top level ({settings})"
              + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
              + (f"; tabled from the runs logged in {args.from_log.name}, each row with its own time and load."

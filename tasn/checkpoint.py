@@ -237,6 +237,10 @@ def recorded_config(config: Any, where: str) -> Config:
     """The config a model file (or checkpoint) records, held to the rules of a params file
     (`tasn.config.loader.build` and `check`): a file edited by hand or by an attacker cannot
     ask for 10^8 sampler iterations or keys no network takes."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and model.get("kind", "tasn") == "tasn" and "att_stride" not in model:
+        # recorded before model.att_stride existed, when every attention net ran at stride 8
+        config = {**config, "model": {**model, "att_stride": 8}}
     try:
         cfg: Config = build(Config, config)
         check(cfg)

@@ -16,6 +16,9 @@ ModelKind = Literal["tasn", "baseline"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet18-slim"]
 # The attention net's trunk: BasicBlock ResNets only (its stride surgery and 512-channel head assume them).
 AttentionBackbone = Literal["resnet18", "resnet34", "resnet18-slim"]
+# The attention net's output stride: 8, the authors' (stages 2 and 4 at stride 1: 224 -> 28 x 28 maps),
+# or 16 (stage 4 only: a quarter of the trunk's compute, so it can read the whole input on a CPU).
+AttentionStride = Literal[8, 16]
 # torchvision's ImageNet weights for `model.pretrained: imagenet`: V1, the classic recipe (ResNet-50 76.1%
 # top-1; the authors' MXNet ResNet-50 is of that kind), or V2, torchvision's 2021 recipe (ResNet-50 80.9%).
 PretrainedWeights = Literal["IMAGENET1K_V1", "IMAGENET1K_V2"]
@@ -48,6 +51,7 @@ RegisterWhen = Literal["auto", True, False]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 ATTENTION_BACKBONES: tuple[str, ...] = get_args(AttentionBackbone)
+ATTENTION_STRIDES: tuple[int, ...] = get_args(AttentionStride)
 PRETRAINED_WEIGHTS: tuple[str, ...] = get_args(PretrainedWeights)
 BATCHNORM_MODES: tuple[str, ...] = get_args(BatchNormMode)
 SAMPLER_IMPLS: tuple[str, ...] = get_args(SamplerImpl)

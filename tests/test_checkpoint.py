@@ -79,6 +79,24 @@ def test_model_file_rebuilds_the_same_network(tmp_path, kind):
         assert torch.equal(getattr(model(x), model.primary_head), getattr(loaded(x), loaded.primary_head))
 
 
+def test_a_model_file_from_before_att_stride_rebuilds_at_the_stride_it_was_trained_at(tmp_path):
+    """Every attention net recorded without `model.att_stride` ran at the authors' stride 8: the
+    file must not come back at today's default (its weights would load, its maps would not be theirs)."""
+    cfg = Config()
+    cfg.model.att_head_channels, cfg.model.att_size, cfg.model.out_size, cfg.model.att_stride = 16, 64, 32, 8
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3).eval()
+    old = cfg.to_dict()
+    del old["model"]["att_stride"]
+    path = checkpoint.save_model(str(tmp_path / MODEL), model, old, ["a", "b", "c"])
+    loaded, meta = checkpoint.load_model(path)
+    assert meta["config"]["model"]["att_stride"] == 8 != Config().model.att_stride
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert loaded.attention_net(x)[1].shape[-1] == 96 // 8
+        assert torch.equal(model(x).master_aux, loaded(x).master_aux)
+
+
 @pytest.mark.integration
 def test_checkpoints_to_and_from_s3(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
@@ -150,7 +168,7 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_keys_unless_forced
     with pytest.raises(ConfigError) as err:
         checkpoint.check_fingerprint("ckpt-000000004.pt", {"fingerprint": theirs}, mine, force=False)
     text = str(err.value)
-    for needle in ("ckpt-000000004.pt", "train.lr (0.2 -> 0.1)", "model.att_size (64 -> 112)",
+    for needle in ("ckpt-000000004.pt", "train.lr (0.2 -> 0.1)", "model.att_size (64 -> 168)",
                    "data.version ('d2' -> 'd1')", "train.resume=never", "train.force_resume=true"):
         assert needle in text, needle
     assert "train.epochs" not in text

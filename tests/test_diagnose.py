@@ -40,6 +40,9 @@ def test_the_watch_warns_once_past_its_share_of_the_budget_and_at_the_end():
     first = watch.after_epoch(100, 4, 0.99 * chance)
     assert first is not None and "after epoch 4 (100 of 200 optimizer steps, 50 % of the budget)" in first
     assert "train.min_steps=400" in first and "train.lr=0.05" in first
+    assert "model.att_size" not in first  # the attention net already reads the whole input
+    cfg.model.att_size = 112
+    assert "the attention net at the whole input (model.att_size=168)" in ChanceWatch(cfg, 8, 200).advice()
     assert watch.after_epoch(150, 6, chance) is None  # once
     assert watch.at_end(0.9 * chance, 0.3) is None
     end = watch.at_end(float("nan"), 0.125)

@@ -9,7 +9,7 @@ from torchvision.models.resnet import BasicBlock
 
 from tasn.config import ModelConfig
 from tasn.model import TASN, Baseline, TASNLoss, build_model
-from tasn.model.attention import trilinear_attention
+from tasn.model.attention import AttentionNet, trilinear_attention
 from tasn.model.backbones import build_resnet
 from tasn.model.sampler import attention_sample
 
@@ -129,6 +129,23 @@ def test_attention_net_sees_an_align_corners_resize_as_mxnets_bilinearresize2d(b
     want = F.interpolate(batch[0], size=(64, 64), mode="bilinear", align_corners=True)
     assert torch.equal(seen[0], want)
     assert not torch.allclose(seen[0], F.interpolate(batch[0], size=(64, 64), mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_attention_net_output_stride_is_the_asked_one_and_the_weights_the_same(stride):
+    """Stride 8 is the authors' surgery (stages 2 and 4 at stride 1), 16 leaves stage 2 alone; a
+    stride changes no weight, so one state dict fits both."""
+    torch.manual_seed(0)
+    net = AttentionNet(5, "resnet18-slim", 16, stride=stride)
+    logits, feats = net(torch.randn(2, 3, 96, 96))
+    assert logits.shape == (2, 5) and feats.shape == (2, 16, 96 // stride, 96 // stride)
+    stages = net.trunk[5:8]  # stages 2, 3, 4 (after the stem and stage 1)
+    assert [(b[0].conv1.stride[0], b[0].downsample[0].stride[0]) for b in stages] == {
+        8: [(1, 1), (2, 2), (1, 1)], 16: [(2, 2), (2, 2), (1, 1)]}[stride]
+    other = AttentionNet(5, "resnet18-slim", 16, stride=24 - stride)
+    other.load_state_dict(net.state_dict())
+    with pytest.raises(ValueError, match="output stride must be one of"):
+        AttentionNet(5, "resnet18-slim", 16, stride=32)
 
 
 def test_new_layers_get_the_authors_init():

@@ -19,6 +19,7 @@ from typing import Annotated, Any, get_args
 from tasn.choices import (
     IMAGENET_WEIGHTS,
     AttentionBackbone,
+    AttentionStride,
     Backbone,
     BatchNormMode,
     DetailsCue,
@@ -167,7 +168,10 @@ class ModelConfig:
     att_backbone: AttentionBackbone = "resnet18-slim"
     att_head_channels: Annotated[int, Range(ge=1, le=8192)] = 64
     input_size: Side = 168
-    att_size: Side = 112  # 2 x out_size: where to zoom is read at twice the classifier's resolution (docs/training.md)
+    # Where to zoom is read from the whole input (a fine texture survives no resize), at output stride 16
+    # to pay for it; the authors: 224 of a 512 input at stride 8 (docs/training.md)
+    att_size: Side = 168
+    att_stride: AttentionStride = 16
     out_size: Side = 56
     dense: Annotated[float, Range(gt=0, le=1000)] = 4.0
     iters: Annotated[int, Range(ge=1, le=100)] = 5

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tasn.choices import ATTENTION_STRIDES
 from tasn.model.backbones import authors_init, build_resnet
 
 # The authors' constant: the spatial softmax in N(X) is taken over 7 * X.
@@ -52,14 +53,21 @@ class MultiDilationHead(nn.Module):
 
 
 class AttentionNet(nn.Module):
-    """ResNet trunk at output stride 8 (stages 2 and 4 at stride 1: 224 -> 28x28), the
-    multi-dilation head, and a classifier (BN, ReLU, global average pool, FC) on its features."""
+    """ResNet trunk at output stride 8 (the authors': stages 2 and 4 at stride 1, 224 -> 28x28) or
+    16 (stage 4 alone at stride 1), the multi-dilation head, and a classifier (BN, ReLU, global
+    average pool, FC) on its features.
+
+    Stride 16 runs stages 2-4 on a quarter of the positions, so the net can read an image at 1.5x
+    the side for less than stride 8 costs: what a from-scratch net on a CPU needs to see a fine
+    texture at all (docs/training.md), at the price of maps half as fine."""
 
     def __init__(self, num_classes: int, arch: str = "resnet18", head_channels: int = 512, pretrained: str = "none",
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, stride: int = 8):
         super().__init__()
+        if stride not in ATTENTION_STRIDES:
+            raise ValueError(f"the attention net's output stride must be one of {ATTENTION_STRIDES}, got {stride!r}")
         trunk = build_resnet(arch, pretrained, zero_init_residual)
-        for stage in (trunk.layer2, trunk.layer4):
+        for stage in (trunk.layer2, trunk.layer4) if stride == 8 else (trunk.layer4,):
             block = stage[0]
             block.conv1.stride = (1, 1)
             if block.downsample is not None:

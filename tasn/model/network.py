@@ -67,6 +67,7 @@ class TASN(nn.Module):
         att_backbone: str = "resnet18",
         att_head_channels: int = 512,
         att_size: int = 224,
+        att_stride: int = 8,
         out_size: int = 224,
         dense: float = 4.0,
         iters: int = 5,
@@ -79,7 +80,7 @@ class TASN(nn.Module):
         self.num_classes = num_classes
         self.att_size, self.out_size, self.dense, self.iters = att_size, out_size, dense, iters
         self.attention_net = AttentionNet(num_classes, att_backbone, att_head_channels, att_pretrained,
-                                          zero_init_residual)
+                                          zero_init_residual, att_stride)
         self.backbone = SharedBackbone(backbone, pretrained, zero_init_residual, pretrained_weights)
         f = self.backbone.features
         self.fc_part = nn.Linear(f, num_classes)
@@ -187,6 +188,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> Network:
         att_backbone=cfg.att_backbone,
         att_head_channels=cfg.att_head_channels,
         att_size=cfg.att_size,
+        att_stride=cfg.att_stride,
         out_size=cfg.out_size,
         dense=cfg.dense,
         iters=cfg.iters,

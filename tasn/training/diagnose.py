@@ -49,12 +49,11 @@ class ChanceWatch:
     def __post_init__(self) -> None:
         self.chance = chance_loss(self.cfg, self.classes)
 
-    def _epoch_chance(self, first: int, last: int) -> None:
+    def epoch_chance(self, first: int, last: int) -> float:
         """The chance value of the epoch of steps (first, last]: its steps' values, averaged."""
         alone = max(0, min(self.gated_steps, last) - first) / max(1, last - first)
-        self.chance = (alone * chance_loss(self.cfg, self.classes, attention_alone=True)
-                       + (1 - alone) * chance_loss(self.cfg, self.classes))
-        self.epoch_start = last
+        return (alone * chance_loss(self.cfg, self.classes, attention_alone=True)
+                + (1 - alone) * chance_loss(self.cfg, self.classes))
 
     def at_chance(self, train_loss: float) -> bool:
         return not train_loss < (1 - CHANCE_BAND) * self.chance  # a NaN loss has learned nothing either
@@ -62,7 +61,7 @@ class ChanceWatch:
     def after_epoch(self, step: int, epoch: int, train_loss: float) -> str | None:
         """The warning, once, when `step` is past `train.chance_check` of the budget and the
         epoch's training loss is still at chance; else None."""
-        self._epoch_chance(self.epoch_start, step)
+        self.chance, self.epoch_start = self.epoch_chance(self.epoch_start, step), step
         share = self.cfg.train.chance_check
         if self.warned or not share or step < share * self.total_steps or not self.at_chance(train_loss):
             return None
@@ -88,5 +87,8 @@ class ChanceWatch:
         if m.pretrained in ("", "none"):
             tips.append("ImageNet weights where the backbone has them (model.pretrained=imagenet, "
                         "model.att_pretrained=imagenet)")
+        if m.kind == "tasn" and m.att_size < m.input_size:
+            tips.append(f"the attention net at the whole input (model.att_size={m.input_size}), where what tells the "
+                        f"classes apart is finer than a resize to {m.att_size} keeps")
         tips.append("labels that match the images (the report of `tasn validate`, the contact sheet)")
         return "Try: " + "; ".join(tips) + " (docs/training.md, 'When a run learns nothing')."
