@@ -5,7 +5,10 @@ survives no resize to a third) and how much of the step it takes; this times the
 (slim ResNet-18s, input 168, out 56, 64 head channels, batch 32, float32) at each setting: the
 whole train step (forward, loss, backward, SGD update) and the attention net's share of it (its
 forward and backward alone, on the resized images). Random images and labels; the median of
-`--iters` steps after two of warm-up. docs/training.md ("Beyond the embedded set") reads it.
+`--iters` steps after two of warm-up. And whether coarser maps still zoom: how many of the 56
+output columns the sampler gives a 24 px part (a 2 % part at 168) when the map has one hot cell
+over it, for each map size (a plain resize gives it 8). docs/training.md ("Beyond the embedded
+set") reads both.
 
 `PYTHONPATH=. python benchmarks/attention_cost.py [--threads 1] [--iters 6]`
 """
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasn.model import TASN, TASNLoss
+from tasn.model.sampler import attention_sample
 
 SETTINGS = ((56, 8), (112, 8), (168, 8), (112, 16), (168, 16))  # (att_size, att_stride)
 INPUT, OUT, BATCH, CLASSES = 168, 56, 32, 10
@@ -62,6 +66,17 @@ def measure(att_size: int, att_stride: int, iters: int) -> tuple[float, float]:
     return median_seconds(step, iters), median_seconds(attention_only, iters)
 
 
+def part_columns(cells: int, power: float, part: int = 24) -> int:
+    """Output columns whose source lies on the central `part` px of the input, for a map of
+    `cells` x `cells` with its one hot cell at the centre (structure image: power 2; detail: 1)."""
+    ramp = torch.arange(INPUT, dtype=torch.float32).expand(1, 3, INPUT, INPUT).contiguous()  # pixel = its x
+    hot = torch.zeros(1, cells, cells)
+    hot[0, cells // 2, cells // 2] = 1.0
+    row = attention_sample(ramp, hot, out_size=OUT, dense=4.0, iters=5, power=power)[0, 0, OUT // 2]
+    centre = (INPUT - 1) / 2
+    return int(((row - centre).abs() <= part / 2).sum())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the details suite)")
@@ -76,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         step, att = measure(size, stride, args.iters)
         side = -(-size // stride)
         print(f"| {size} | {stride} | {side} x {side} | {step:.3f} | {att:.3f} |", flush=True)
+    print("\n| maps | columns of 56 on a 24 px part: structure image | detail image |\n|---|---:|---:|")
+    for side in sorted({-(-size // stride) for size, stride in SETTINGS}):
+        print(f"| {side} x {side} | {part_columns(side, 2.0)} | {part_columns(side, 1.0)} |")
     return 0
 
 
