@@ -34,6 +34,11 @@ SETTINGS = ((56, 8), (112, 8), (168, 8), (112, 16), (168, 16))  # (att_size, att
 INPUT, OUT, BATCH, CLASSES = 168, 56, 32, 10
 
 
+def map_side(att_size: int, att_stride: int) -> int:
+    """The side of the attention maps: the trunk's strided convolutions round up."""
+    return -(-att_size // att_stride)
+
+
 def median_seconds(step: Callable[[], None], iters: int) -> float:
     for _ in range(2):
         step()
@@ -89,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---:|---|---:|---:|")
     for size, stride in SETTINGS:
         step, att = measure(size, stride, args.iters)
-        side = -(-size // stride)
+        side = map_side(size, stride)
         print(f"| {size} | {stride} | {side} x {side} | {step:.3f} | {att:.3f} |", flush=True)
     print("\n| maps | columns of 56 on a 24 px part: structure image | detail image |\n|---|---:|---:|")
-    for side in sorted({-(-size // stride) for size, stride in SETTINGS}):
+    for side in sorted({map_side(size, stride) for size, stride in SETTINGS}):
         print(f"| {side} x {side} | {part_columns(side, 2.0)} | {part_columns(side, 1.0)} |")
     return 0
 
