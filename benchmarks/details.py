@@ -102,7 +102,7 @@ SETS = {s.name: s for s in SUITE}
 
 # What only TASN reads: a change of these leaves the baselines' runs comparable.
 TASN_ONLY = {"model": ("att_backbone", "att_head_channels", "att_size", "att_stride", "dense", "iters",
-                       "att_pretrained"),
+                       "structure_power", "detail_power", "att_pretrained"),
              "train": ("attention_first",)}
 
 
@@ -187,7 +187,8 @@ def machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"CPU ({cpu}), {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
 
 
 def table(results: dict[str, list[dict[str, Any]]], names: dict[str, str]) -> str:
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     load_after = os.getloadavg()
     t = cfg.train
-    settings = (f"input {m.input_size}, att {m.att_size} at stride {m.att_stride}, out {m.out_size}, {m.backbone}, "
+    settings = (f"input {m.input_size}, att {m.att_size} at stride {m.att_stride}, out {m.out_size}, maps at the "
+                f"powers {m.structure_power:g} and {m.detail_power:g}, {m.backbone}, "
                 f"{t.optimizer} lr {t.lr:g}, {t.schedule}, {t.epochs} epochs and at least {t.min_steps} steps, "
                 f"the attention net alone for the first {t.attention_first:g} of them")
     where = (f"{machine(device)}, {date.today().isoformat()}; params.yaml top level ({settings})"

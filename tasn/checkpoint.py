@@ -233,14 +233,18 @@ def save_model(uri: str, model: torch.nn.Module, config: dict[str, Any], classes
     return storage.write_bytes(uri, to_bytes(model_payload(model, config, classes, **extra)), endpoint=endpoint)
 
 
+# TASN keys added after model files were first written, with the value every file from before had.
+BEFORE_THE_KEY = {"att_stride": 8, "structure_power": 2.0, "detail_power": 1.0}
+
+
 def recorded_config(config: Any, where: str) -> Config:
     """The config a model file (or checkpoint) records, held to the rules of a params file
     (`tasn.config.loader.build` and `check`): a file edited by hand or by an attacker cannot
     ask for 10^8 sampler iterations or keys no network takes."""
     model = config.get("model") if isinstance(config, dict) else None
-    if isinstance(model, dict) and model.get("kind", "tasn") == "tasn" and "att_stride" not in model:
-        # recorded before model.att_stride existed, when every attention net ran at stride 8
-        config = {**config, "model": {**model, "att_stride": 8}}
+    if isinstance(model, dict) and model.get("kind", "tasn") == "tasn":
+        # recorded before a key existed: the value every TASN had then, not today's default
+        config = {**config, "model": {**BEFORE_THE_KEY, **model}}
     try:
         cfg: Config = build(Config, config)
         check(cfg)

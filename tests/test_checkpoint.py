@@ -79,21 +79,26 @@ def test_model_file_rebuilds_the_same_network(tmp_path, kind):
         assert torch.equal(getattr(model(x), model.primary_head), getattr(loaded(x), loaded.primary_head))
 
 
-def test_a_model_file_from_before_att_stride_rebuilds_at_the_stride_it_was_trained_at(tmp_path):
-    """Every attention net recorded without `model.att_stride` ran at the authors' stride 8: the
-    file must not come back at today's default (its weights would load, its maps would not be theirs)."""
+def test_a_model_file_from_before_a_key_existed_rebuilds_as_it_was_trained(tmp_path):
+    """Every TASN recorded without `model.att_stride` ran at the authors' stride 8, and without the
+    map powers at theirs (structure squared, detail not): the file must not come back at today's
+    defaults (its weights would load, its maps or its zoom would not be theirs)."""
     cfg = Config()
-    cfg.model.att_head_channels, cfg.model.att_size, cfg.model.out_size, cfg.model.att_stride = 16, 64, 32, 8
+    cfg.model.att_head_channels, cfg.model.att_size, cfg.model.out_size = 16, 64, 32
+    cfg.model.att_stride, cfg.model.structure_power, cfg.model.detail_power = 8, 2.0, 1.0
     torch.manual_seed(0)
     model = build_model(cfg.model, 3).eval()
     old = cfg.to_dict()
-    del old["model"]["att_stride"]
+    for key in ("att_stride", "structure_power", "detail_power"):
+        del old["model"][key]
     path = checkpoint.save_model(str(tmp_path / MODEL), model, old, ["a", "b", "c"])
     loaded, meta = checkpoint.load_model(path)
-    assert meta["config"]["model"]["att_stride"] == 8 != Config().model.att_stride
+    recorded = meta["config"]["model"]
+    assert (recorded["att_stride"], recorded["structure_power"], recorded["detail_power"]) == (8, 2.0, 1.0)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert loaded.attention_net(x)[1].shape[-1] == 96 // 8
+        assert (loaded.structure_power, loaded.detail_power) == (2.0, 1.0)
         assert torch.equal(model(x).master_aux, loaded(x).master_aux)
 
 

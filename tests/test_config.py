@@ -43,6 +43,7 @@ def test_repository_params_and_every_profile_load():
         assert (c.model.zero_init_residual, c.loss.distill_teacher) == (False, "authors"), name
         assert t.min_steps == 0, name  # their epochs, however few steps they are
         assert t.attention_first == 0.0, name  # all branches learn from the first step, as theirs
+        assert (c.model.att_stride, c.model.structure_power, c.model.detail_power) == (8, 2.0, 1.0), name
     for name in ("demo", "cub336", "smoke"):
         load_config(ROOT_PARAMS, name)
 

@@ -48,9 +48,26 @@ def test_structure_and_detail_images_follow_the_definition(batch):
     summed = maps.sum(1)
     torch.testing.assert_close(extras.structure_map, summed)
     torch.testing.assert_close(extras.detail_map, summed)  # evaluation: the deterministic sum
-    up = F.interpolate(summed.unsqueeze(1), size=(96, 96), mode="bilinear", align_corners=True).squeeze(1)
+    peaked = summed / summed.amax(dim=(1, 2), keepdim=True)  # over its peak: no sample moves (test_recipe_fidelity)
+    up = F.interpolate(peaked.unsqueeze(1), size=(96, 96), mode="bilinear", align_corners=True).squeeze(1)
     torch.testing.assert_close(extras.structure_images, attention_sample(x, up**2, 48), atol=1e-5, rtol=0)
     torch.testing.assert_close(extras.detail_images, attention_sample(x, up, 48), atol=1e-5, rtol=0)
+
+
+def test_map_powers_reach_the_two_samplers(batch):
+    """`structure_power` and `detail_power` raise the upsampled maps before sampling; checked against
+    the sampler fed the powered map (a power of the profile is the profile of the power)."""
+    torch.manual_seed(0)
+    model = TASN(5, backbone="resnet18-slim", att_backbone="resnet18-slim", att_head_channels=16, att_size=64,
+                 out_size=48, structure_power=5.0, detail_power=3.0).eval()
+    x = batch[0]
+    with torch.no_grad():
+        _, extras = model(x, return_extras=True)
+    peaked = extras.structure_map / extras.structure_map.amax(dim=(1, 2), keepdim=True)
+    up = F.interpolate(peaked.unsqueeze(1), size=(96, 96), mode="bilinear", align_corners=True).squeeze(1)
+    torch.testing.assert_close(extras.structure_images, attention_sample(x, up**5, 48), atol=1e-5, rtol=0)
+    torch.testing.assert_close(extras.detail_images, attention_sample(x, up**3, 48), atol=1e-5, rtol=0)
+    assert not torch.allclose(extras.structure_images, attention_sample(x, up**2, 48), atol=1e-3)
 
 
 def test_training_detail_map_is_one_channel_per_sample():

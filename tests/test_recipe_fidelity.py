@@ -129,6 +129,32 @@ def test_tasn_counts_training_images_with_nonfinite_attention_and_samples_them_p
     assert model.take_nonfinite_attention() == 0  # evaluation is not training
 
 
+def test_a_high_power_of_a_map_of_large_values_is_sampled_not_resized_plainly():
+    """Scaling a map moves no sample (the sampler normalises its powered profiles), so TASN divides
+    each map by its peak before sampling: maps with peaks of 10^4 at the 12th power (10^48, past
+    float32) zoom exactly as the same maps at peak 1, and none is counted or resized plainly."""
+    torch.manual_seed(0)
+    model = TASN(3, backbone="resnet18-slim", att_backbone="resnet18-slim", att_head_channels=8, att_size=32,
+                 out_size=24, structure_power=12.0, detail_power=6.0).train()
+    real, scale = model.attention_maps, [1.0]
+
+    def attention_maps(x):
+        logits, maps = real(x)
+        return logits, maps * (scale[0] / maps.amax())
+
+    model.attention_maps = attention_maps  # type: ignore[method-assign]
+    x = torch.rand(3, 3, 64, 64)
+    images = []
+    for scale[0] in (1.0, 1e4):
+        torch.manual_seed(1)  # the same detail channel drawn in both passes
+        images.append(model(x, return_extras=True)[1])
+        assert model.take_nonfinite_attention() == 0
+    for kind in ("structure_images", "detail_images"):  # up to the rounding of the scaling
+        torch.testing.assert_close(getattr(images[1], kind), getattr(images[0], kind), atol=1e-4, rtol=0)
+    resized = F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=True)
+    assert not torch.allclose(images[1].structure_images, resized, atol=1e-2)
+
+
 def tiny_loop(model: TASN, **train) -> Loop:
     cfg = load_config(ROOT / "params.yaml", "smoke", [f"train.{k}={v}" for k, v in train.items()])
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -46,6 +46,8 @@ Seed = Annotated[int, Range(ge=0, le=MAX_SEED)]
 Side = Annotated[int, Range(ge=2, le=MAX_SIDE)]
 JpegQuality = Annotated[int, Range(ge=1, le=100)]
 LossWeight = Annotated[float, Range(ge=0, le=1000)]
+# Powers above a few make every map one hot cell; far above, a map of ordinary values overflows
+MapPower = Annotated[float, Range(gt=0, le=16)]
 Steps = Annotated[int, Range(ge=0, le=10**9)]
 
 
@@ -175,6 +177,10 @@ class ModelConfig:
     out_size: Side = 56
     dense: Annotated[float, Range(gt=0, le=1000)] = 4.0
     iters: Annotated[int, Range(ge=1, le=100)] = 5
+    # Sharper maps than the authors' (2 and 1): a from-scratch attention net's maps are broad, and
+    # squared they magnify a small part 1.8x where a fine texture needs 2.4x (docs/training.md)
+    structure_power: MapPower = 12.0
+    detail_power: MapPower = 6.0
     pretrained: str = "none"  # none | imagenet | local path / s3:// URI of a state dict
     att_pretrained: str = "none"
     # torchvision's ImageNet weights for `imagenet` (the shared backbone; ResNet-18/34 have V1 only):

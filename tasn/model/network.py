@@ -54,6 +54,14 @@ class SharedBackbone(nn.Module):
         return self.net(x)
 
 
+def per_peak(maps: torch.Tensor) -> torch.Tensor:
+    """Each (n, h, w) map over its own peak. The sampler normalises the powered profiles, so this
+    moves no sample; it keeps a high power finite (peaks of 10^3 overflow fp32 at the 13th power,
+    and an overflowed map is sampled as a plain resize). NaN and Inf stay non-finite."""
+    peak = maps.flatten(1).amax(dim=1).clamp_min(torch.finfo(maps.dtype).tiny)
+    return maps / peak.view(-1, 1, 1)
+
+
 class TASN(nn.Module):
     """Attention net -> trilinear attention -> two attention samplers -> one shared backbone."""
 
@@ -71,6 +79,8 @@ class TASN(nn.Module):
         out_size: int = 224,
         dense: float = 4.0,
         iters: int = 5,
+        structure_power: float = 2.0,
+        detail_power: float = 1.0,
         pretrained: str = "none",
         att_pretrained: str = "none",
         zero_init_residual: bool = False,
@@ -79,6 +89,7 @@ class TASN(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.att_size, self.out_size, self.dense, self.iters = att_size, out_size, dense, iters
+        self.structure_power, self.detail_power = structure_power, detail_power
         self.attention_net = AttentionNet(num_classes, att_backbone, att_head_channels, att_pretrained,
                                           zero_init_residual, att_stride)
         self.backbone = SharedBackbone(backbone, pretrained, zero_init_residual, pretrained_weights)
@@ -116,12 +127,14 @@ class TASN(nn.Module):
         n = x.shape[0]
         att_logits, maps = self.attention_maps(x)
         structure_map, detail_map = self.select_maps(maps)
+        sampled = per_peak(structure_map), per_peak(detail_map)
         if self.training:
-            self._count_nonfinite(structure_map, detail_map, x.shape[-1])
+            self._count_nonfinite(*sampled, x.shape[-1])
         sampler: dict[str, Any] = dict(out_size=self.out_size, dense=self.dense, iters=self.iters)
-        # Squared after upsampling to S x S; the sampler squares the profiles, which is the same.
-        structure = attention_sample(x, structure_map, power=2.0, **sampler)
-        detail = attention_sample(x, detail_map, power=1.0, **sampler)
+        # Powered after upsampling to S x S (the authors: structure squared, detail not); the sampler
+        # powers the profiles, which is the same.
+        structure = attention_sample(x, sampled[0], power=self.structure_power, **sampler)
+        detail = attention_sample(x, sampled[1], power=self.detail_power, **sampler)
         feats = self.backbone(torch.cat([detail, structure], dim=0))
         part_feats, master_feats = feats[:n], feats[n:]
         shared = self.fc(feats)
@@ -137,7 +150,8 @@ class TASN(nn.Module):
         return out
 
     def _count_nonfinite(self, structure_map: torch.Tensor, detail_map: torch.Tensor, size: int) -> None:
-        bad = (nonfinite_maps(structure_map, size, power=2.0) | nonfinite_maps(detail_map, size)).sum()
+        bad = (nonfinite_maps(structure_map, size, self.structure_power)
+               | nonfinite_maps(detail_map, size, self.detail_power)).sum()
         self.nonfinite_attention = bad if self.nonfinite_attention is None else self.nonfinite_attention + bad
 
     def take_nonfinite_attention(self) -> int:
@@ -192,6 +206,8 @@ def build_model(cfg: ModelConfig, num_classes: int | None = None) -> Network:
         out_size=cfg.out_size,
         dense=cfg.dense,
         iters=cfg.iters,
+        structure_power=cfg.structure_power,
+        detail_power=cfg.detail_power,
         pretrained=cfg.pretrained,
         att_pretrained=cfg.att_pretrained,
         zero_init_residual=cfg.zero_init_residual,
