@@ -142,7 +142,7 @@ def test_a_high_power_of_a_map_of_large_values_is_sampled_not_resized_plainly():
         logits, maps = real(x)
         return logits, maps * (scale[0] / maps.amax())
 
-    model.attention_maps = attention_maps  # type: ignore[method-assign]
+    model.attention_maps = attention_maps
     x = torch.rand(3, 3, 64, 64)
     images = []
     for scale[0] in (1.0, 1e4):
